@@ -1,0 +1,157 @@
+"""The only place that parses argv. ``main(argv) -> int`` is callable from tests.
+
+Each verb imports its implementation inside its handler, so ``edgedistill --help`` stays light.
+"""
+import argparse
+import logging
+import sys
+
+
+def _recipe_list(args):
+    import yaml
+
+    from .recipe import builtin_recipes
+
+    for name, path in builtin_recipes().items():
+        desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        print(f"{name:<16} {desc}")
+    return 0
+
+
+def _recipe_show(args):
+    from .recipe import dump_recipe, load_recipe
+
+    print(dump_recipe(load_recipe(args.name, args.overrides, check_names=False)), end="")
+    return 0
+
+
+def _recipe_run(args):
+    from .pipeline import run_recipe
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.name, args.overrides)
+    run_recipe(recipe, args.out, seeds=args.seeds)
+    return 0
+
+
+def _recipe_sweep(args):
+    from .sweep import run_sweep
+
+    run_sweep(args.name, args.overrides, args.out)
+    return 0
+
+
+def _synth(args):
+    from .data.synth import run_synth
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.name, args.overrides)
+    run_synth(recipe, args.out, shard=args.shard)
+    return 0
+
+
+def _export(args):
+    from .export import export_run
+
+    export_run(args.run_dir, formats=_csv(args.formats), precisions=_csv(args.precision))
+    return 0
+
+
+def _bench(args):
+    from .bench import bench_paths
+
+    bench_paths(args.paths, batches=[int(b) for b in _csv(args.batch)], threads=args.threads,
+                warmup=args.warmup, iters=args.iters)
+    return 0
+
+
+def _demo(args):
+    from .utils import require
+
+    require("gradio", "demo")
+    from .demo.app import launch
+
+    launch(args.path, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+def _csv(value):
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgedistill", description="Distil a large pretrained vision model into a small, "
+                                "fast, domain-specific student for an edge device.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    recipe = verbs.add_parser("recipe", help="list, show, run or sweep recipes")
+    rv = recipe.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rv.add_parser("list", help="list the built-in recipes").set_defaults(fn=_recipe_list)
+    show = rv.add_parser("show", help="print a recipe with every default filled in")
+    show.add_argument("name", help="built-in recipe name or path to a YAML file")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.set_defaults(fn=_recipe_show)
+    run = rv.add_parser("run", help="run a recipe end to end (finished stages are reused)")
+    run.add_argument("name", help="built-in recipe name or path to a YAML file")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+    run.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
+    run.add_argument("--seeds", type=int, default=1, help="train with N seeds and report mean and 95%% CI")
+    run.set_defaults(fn=_recipe_run)
+    sweep = rv.add_parser("sweep", help="run a recipe over a grid, e.g. student.name=a,b export.precision=fp32,int8")
+    sweep.add_argument("name")
+    sweep.add_argument("overrides", nargs="*", metavar="key=v1,v2")
+    sweep.add_argument("--out", default=None)
+    sweep.set_defaults(fn=_recipe_sweep)
+
+    synth = verbs.add_parser("synth", help="generate (or mix) synthetic training images for a recipe")
+    synth.add_argument("name")
+    synth.add_argument("overrides", nargs="*", metavar="key=value")
+    synth.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
+    synth.add_argument("--shard", default=None, help="i/n: make only this shard of the images")
+    synth.set_defaults(fn=_synth)
+
+    export = verbs.add_parser("export", help="export a trained student (ONNX, OpenVINO, TensorRT) with a parity check")
+    export.add_argument("run_dir")
+    export.add_argument("--formats", default=None, help="comma list, e.g. onnx,openvino,tensorrt")
+    export.add_argument("--precision", default=None, help="comma list, e.g. fp32,fp16,int8")
+    export.set_defaults(fn=_export)
+
+    bench = verbs.add_parser("bench", help="measure latency and throughput of a run's student and bundles")
+    bench.add_argument("paths", nargs="+", metavar="RUN_OR_BUNDLE")
+    bench.add_argument("--batch", default="1", help="comma list of batch sizes")
+    bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: runtime default)")
+    bench.add_argument("--warmup", type=int, default=10)
+    bench.add_argument("--iters", type=int, default=50)
+    bench.set_defaults(fn=_bench)
+
+    demo = verbs.add_parser("demo", help="serve a Gradio page to try the student (and teacher) on images")
+    demo.add_argument("path", metavar="RUN_DIR_OR_BUNDLE")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    demo.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    # Overrides may come after options (`run NAME --out D k=v`); argparse leaves those over, so collect them here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from .recipe import RecipeError
+    from .teachers import WeightsUnavailable
+
+    try:
+        return args.fn(args) or 0
+    except (RecipeError, WeightsUnavailable, FileNotFoundError, ImportError) as e:
+        print(f"edgedistill: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Data: where images come from (DATASETS), how they are augmented (AUGMENTS), splits and the torch Dataset.
+
+Every random choice per sample is seeded from (seed, epoch, item, view), so a resumed run, any number of
+DDP ranks and the teacher-feature cache all see the same augmented view of the same image.
+"""
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..registry import Registry
+from ..target.run import center_crop_box, preprocess, resize_normalize, to_rgb
+
+log = logging.getLogger(__name__)
+DATASETS = Registry("dataset")
+AUGMENTS = Registry("augmentation preset")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
+@dataclass
+class Source:
+    """What a dataset provides: class names and (path, label) lists; ``test`` is empty when it has no test split."""
+
+    classes: list
+    train: list
+    test: list
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def scan_image_folder(root) -> Source:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {root} does not exist (recipe key 'data.root')")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"Image folder {root} has no class sub-folders (expected ROOT/<class>/<image>)")
+    items = [(str(p), label) for label, c in enumerate(classes) for p in sorted((root / c).rglob("*"))
+             if p.suffix.lower() in IMAGE_EXTENSIONS]
+    return Source(classes, items, [])
+
+
+@DATASETS.register("imagefolder")
+def image_folder(cfg) -> Source:
+    """``data.root``/<class>/<image>; a ``train``/``test`` pair of such folders is used as given."""
+    root = Path(cfg.root).expanduser()
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train, test = scan_image_folder(root / "train"), scan_image_folder(root / "test")
+        if train.classes != test.classes:
+            raise ValueError(f"{root}/train and {root}/test have different class folders")
+        return Source(train.classes, train.train, test.train)
+    return scan_image_folder(root)
+
+
+@DATASETS.register("conformal-clip-data")
+def conformal_clip_data(cfg) -> Source:
+    """2,000 real textile photos in 3 classes (nominal, local defect, global defect), shipped on PyPI."""
+    import conformal_clip_data
+
+    return scan_image_folder(conformal_clip_data.textile_simulated_root())
+
+
+def _torchvision_source(make, classes_attr, images_attr, labels_attr, cfg, train_split, test_split) -> Source:
+    root = Path(cfg.root or "~/.cache/edgedistill/datasets").expanduser()
+    try:
+        train, test = make(root, train_split), make(root, test_split)
+    except Exception as e:
+        raise FileNotFoundError(f"Dataset {cfg.dataset!r} is not in {root} and could not be downloaded "
+                                f"({type(e).__name__}); it downloads on first use with internet") from e
+    classes = list(getattr(train, classes_attr)) if classes_attr else sorted(set(getattr(train, labels_attr)))
+    pairs = [[(str(p), int(y)) for p, y in zip(getattr(d, images_attr), getattr(d, labels_attr))] for d in (train, test)]
+    return Source([str(c) for c in classes], *pairs)
+
+
+@DATASETS.register("oxford-pets")
+def oxford_pets(cfg) -> Source:
+    """Oxford-IIIT Pets (37 breeds) through torchvision: trainval / test."""
+    from torchvision.datasets import OxfordIIITPet
+
+    return _torchvision_source(lambda r, s: OxfordIIITPet(r, split=s, download=True), "classes", "_images", "_labels",
+                               cfg, "trainval", "test")
+
+
+@DATASETS.register("flowers-102")
+def flowers102(cfg) -> Source:
+    """Oxford Flowers-102 through torchvision: train+val / test (class names are indices in torchvision)."""
+    from torchvision.datasets import Flowers102
+
+    src = _torchvision_source(lambda r, s: Flowers102(r, split=s, download=True), None, "_image_files", "_labels",
+                              cfg, "train", "test")
+    return Source([f"flower {c}" for c in src.classes], src.train, src.test)
+
+
+def check_image(path: str) -> str | None:
+    """None when the image decodes fully, else a short reason."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.width < 2 or img.height < 2:
+                return "image is smaller than 2x2"
+        return None
+    except Exception as e:  # PIL raises many types for corrupt files
+        return f"{type(e).__name__}: {e}"
+
+
+def drop_unreadable(items: list, workers: int = 4) -> tuple[list, list]:
+    """Decode every image once; report and skip those that fail."""
+    with ThreadPoolExecutor(workers) as pool:
+        reasons = list(pool.map(check_image, [p for p, _ in items]))
+    kept = [it for it, r in zip(items, reasons) if r is None]
+    skipped = [{"path": it[0], "reason": r} for it, r in zip(items, reasons) if r is not None]
+    for s in skipped:
+        log.warning("Skipping unreadable image %s (%s)", s["path"], s["reason"])
+    return kept, skipped
+
+
+def stratified_split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``fraction`` of each class (at least one image per class when the class has two or more)."""
+    rng = np.random.default_rng(seed)
+    by_class: dict = {}
+    for it in items:
+        by_class.setdefault(it[1], []).append(it)
+    keep, held = [], []
+    for label in sorted(by_class):
+        group = by_class[label]
+        order = rng.permutation(len(group))
+        n = int(round(len(group) * fraction))
+        n = max(n, 1) if fraction > 0 and len(group) > 1 else n
+        held += [group[i] for i in sorted(order[:n])]
+        keep += [group[i] for i in sorted(order[n:])]
+    return keep, held
+
+
+def cap_per_class(items: list, cap: int, seed: int) -> list:
+    if cap <= 0:
+        return items
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for label in sorted({y for _, y in items}):
+        group = [it for it in items if it[1] == label]
+        out += [group[i] for i in sorted(rng.permutation(len(group))[:cap])]
+    return out
+
+
+def make_split(cfg) -> dict:
+    """Train/val/test lists of (path, label) for a recipe's data section, unreadable images removed."""
+    src = DATASETS.get(cfg.dataset)(cfg)
+    classes = list(cfg.classes) or src.classes
+    if cfg.classes:
+        unknown = [c for c in cfg.classes if c not in src.classes]
+        if unknown:
+            raise ValueError(f"Recipe key 'data.classes' names classes the dataset lacks: {unknown}; "
+                             f"it has {src.classes}")
+        remap = {src.classes.index(c): i for i, c in enumerate(cfg.classes)}
+        src = Source(classes, [(p, remap[y]) for p, y in src.train if y in remap],
+                     [(p, remap[y]) for p, y in src.test if y in remap])
+    train, skipped = drop_unreadable(cap_per_class(src.train, cfg.max_per_class, cfg.split_seed))
+    test, skipped_test = drop_unreadable(src.test)
+    if not src.test:
+        train, test = stratified_split(train, cfg.test_fraction, cfg.split_seed)
+    val = []
+    if cfg.val_fraction > 0:
+        train, val = stratified_split(train, cfg.val_fraction, cfg.split_seed + 7)
+    if not train:
+        raise ValueError(f"Dataset {cfg.dataset!r} has no readable training images")
+    return {"classes": classes, "train": train, "val": val, "test": test, "skipped": skipped + skipped_test}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Augmentation presets: each maps (PIL image, numpy Generator) -> PIL image, before per-model resizing.
+
+
+def random_resized_crop_box(w, h, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = int(round((target * aspect) ** 0.5)), int(round((target / aspect) ** 0.5))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+            return (left, top, left + cw, top + ch)
+    return center_crop_box(w, h, 1.0)
+
+
+def color_jitter(img, rng, strength: float):
+    from PIL import ImageEnhance
+
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhance(img).enhance(float(rng.uniform(1 - strength, 1 + strength)))
+    return img
+
+
+@AUGMENTS.register("none")
+def augment_none(img, rng, crop_pct):
+    return img.crop(center_crop_box(img.width, img.height, crop_pct))
+
+
+@AUGMENTS.register("light")
+def augment_light(img, rng, crop_pct):
+    """Flip and a mild random crop (scale 0.6-1): safe for small data and frozen-teacher caches."""
+    img = img.crop(random_resized_crop_box(img.width, img.height, rng, scale=(0.6, 1.0)))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+@AUGMENTS.register("p1")
+def augment_p1(img, rng, crop_pct):
+    """P1 (App. A.3): RandomResizedCrop scale 0.08, ColorJitter 0.4, flip 0.5 (Mixup is a batch-level setting)."""
+    img = img.crop(random_resized_crop_box(img.width, img.height, rng, scale=(0.08, 1.0)))
+    img = color_jitter(img, rng, 0.4)
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+@AUGMENTS.register("p3")
+def augment_p3(img, rng, crop_pct):
+    """P3 (RSB A2): RandomResizedCrop, flip, RandAugment m7 mstd 0.5 (Mixup/CutMix are batch-level settings)."""
+    import random
+
+    from timm.data.auto_augment import rand_augment_transform
+
+    img = img.crop(random_resized_crop_box(img.width, img.height, rng, scale=(0.08, 1.0)))
+    img = img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+    state = random.getstate()
+    random.seed(int(rng.integers(1 << 31)))  # timm's RandAugment draws from `random`; keep it reproducible
+    try:
+        return rand_augment_transform("rand-m7-mstd0.5", {"translate_const": 100})(img)
+    finally:
+        random.setstate(state)
+
+
+def load_rgb(path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        rgb = to_rgb(img)
+        return rgb.copy() if rgb is img else rgb  # the file closes when the block ends
+
+
+def view_image(path, augment: str, view_seed: int | None, crop_pct: float) -> Image.Image:
+    """View 0 (``view_seed`` None) is the un-augmented centre crop; any other seed gives one augmented view."""
+    img = load_rgb(path)
+    if view_seed is None:
+        return augment_none(img, None, crop_pct)
+    return AUGMENTS.get(augment)(img, np.random.default_rng(view_seed), crop_pct)
+
+
+__all__ = ["preprocess", "resize_normalize", "view_image", "make_split", "DATASETS", "AUGMENTS"]

@@ -1,0 +1,91 @@
+"""Teacher-feature cache: teacher features of fixed views, computed once and memory-mapped in the run folder.
+
+Probing, evaluation and every distillation epoch read from here, so the teacher never runs twice on the same
+view. Rows are marked done as they are written, so a killed extraction resumes where it stopped.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..utils import derived_seed, write_json
+from . import resize_normalize, view_image
+
+
+def view_seed(path: str, view: int, salt: int = 0) -> int | None:
+    """View 0 is the un-augmented image; view v > 0 is a fixed augmentation of it, the same in every run."""
+    return None if view == 0 else derived_seed("view", salt, str(path), view)
+
+
+class FeatureCache:
+    """``features[item, view]`` of one teacher over one list of items, stored as float32 memmaps."""
+
+    def __init__(self, folder, keys: list[str], views: int, dim: int, meta: dict | None = None):
+        self.folder, self.keys, self.views, self.dim = Path(folder), list(keys), views, dim
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shape = (len(self.keys), views, dim)
+        info = {"items": len(self.keys), "views": views, "dim": dim, **(meta or {})}
+        meta_path = self.folder / "meta.json"
+        fresh = not meta_path.exists() or json.loads(meta_path.read_text()) != info
+        if fresh:  # a different teacher, item list or view count never reuses old rows
+            for name in ("features.f32", "done.u8"):
+                (self.folder / name).unlink(missing_ok=True)
+            (self.folder / "keys.json").write_text(json.dumps(self.keys))
+            write_json(meta_path, info)
+        mode = "w+" if fresh or not (self.folder / "features.f32").exists() else "r+"
+        self.features = np.memmap(self.folder / "features.f32", dtype=np.float32, mode=mode, shape=shape)
+        self.done = np.memmap(self.folder / "done.u8", dtype=np.uint8, mode=mode, shape=shape[:2])
+
+    def missing(self) -> list[tuple[int, int]]:
+        return [(int(i), int(v)) for i, v in zip(*np.nonzero(self.done == 0))]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def get(self, items, views=None) -> torch.Tensor:
+        items = np.asarray(items)
+        views = np.zeros_like(items) if views is None else np.asarray(views)
+        return torch.from_numpy(np.ascontiguousarray(self.features[items, views]))
+
+    def fill(self, teacher, items: list, augment: str, crop_pct: float, batch_size: int = 64, workers: int = 0,
+             device="cpu", desc: str = "teacher features", salt: int = 0):
+        """Run the teacher on every missing (item, view) and store the result; returns how many were computed."""
+        todo = self.missing()
+        if not todo:
+            return 0
+        ds = _ViewDataset(items, todo, teacher.info.input.to_dict(), augment, crop_pct, salt)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
+        teacher.to(device)
+        with tqdm(total=len(todo), desc=desc, unit="img", leave=False) as bar:
+            for x, idx, view in loader:
+                f = teacher.encode(x.to(device)).cpu().numpy()
+                self.features[idx.numpy(), view.numpy()] = f
+                self.done[idx.numpy(), view.numpy()] = 1
+                bar.update(len(idx))
+                if bar.n % (batch_size * 8) < batch_size:
+                    self.flush()
+        self.flush()
+        return len(todo)
+
+    def flush(self):
+        self.features.flush()
+        self.done.flush()
+
+
+class _ViewDataset(Dataset):
+    def __init__(self, items, todo, spec, augment, crop_pct, salt):
+        self.items, self.todo, self.spec, self.augment, self.crop_pct, self.salt = items, todo, spec, augment, \
+            crop_pct, salt
+
+    def __len__(self):
+        return len(self.todo)
+
+    def __getitem__(self, k):
+        i, v = self.todo[k]
+        path = self.items[i][0]
+        img = view_image(path, self.augment, view_seed(path, v, self.salt), self.crop_pct)
+        return torch.from_numpy(resize_normalize(img, self.spec)), i, v

@@ -1,0 +1,65 @@
+"""Accuracy, teacher-student agreement, per-class accuracy, confusion matrices and per-image GFLOPs."""
+import numpy as np
+import torch
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Percent of rows whose label is among the k highest scores."""
+    k = min(k, logits.shape[1])
+    hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+    return 100.0 * hits.float().mean().item()
+
+
+def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(m, (labels, pred), 1)
+    return m
+
+
+def classification_metrics(logits: torch.Tensor, labels, class_names, top_k: int = 5) -> dict:
+    """top-1/top-k (percent), per-class accuracy and the confusion matrix (rows: true class)."""
+    labels = torch.as_tensor(labels)
+    pred = logits.argmax(1)
+    m = confusion(pred.numpy(), labels.numpy(), len(class_names))
+    per_class = {c: (100.0 * m[i, i] / m[i].sum() if m[i].sum() else None) for i, c in enumerate(class_names)}
+    return {"top1": topk_accuracy(logits, labels, 1), f"top{top_k}": topk_accuracy(logits, labels, top_k),
+            "per_class": per_class, "confusion": m.tolist(), "n": int(len(labels))}
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Percent of images on which two models predict the same class."""
+    return 100.0 * (a.argmax(1) == b.argmax(1)).float().mean().item()
+
+
+def gflops(model: torch.nn.Module, size: int) -> float:
+    """Forward GFLOPs for one image (2 FLOPs per multiply-add), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.eval().cpu()
+    x = torch.zeros(1, 3, size, size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def plot_confusion(matrix, class_names, path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * n, 16), min(1.6 + 0.45 * n, 15)))
+    ax.imshow(m, cmap="Blues")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(class_names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticklabels(class_names, fontsize=8)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(m[i, j]), ha="center", va="center",
+                        color="white" if m[i, j] > m.max() / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,604 @@
+"""``recipe run``: the stages of a recipe, each keyed by a fingerprint of everything it depends on.
+
+Run folder layout::
+
+    RUN/recipe.yaml          the resolved recipe
+    RUN/split.json           {"classes", "train", "val", "test", "skipped"}; items are [path, label]
+    RUN/stages/<stage>.json  the fingerprint a finished stage was computed with, plus its summary
+    RUN/cache/<name>-<key>/  teacher-feature caches (memory-mapped)
+    RUN/probe/head.pt        the teacher's head (probed, zero-shot text head, or its own classifier)
+    RUN/synth/               synthetic images and manifest.jsonl (when the recipe has a synthetic section)
+    RUN/student/model.pt     the distilled student (plus checkpoint.pt and log.jsonl)
+    RUN/baseline/model.pt    the same student trained CE-only with the same budget
+    RUN/metrics.json, RUN/report.md, RUN/confusion-*.png
+    RUN/export/<format>-<precision>/, RUN/bench.json   when the recipe asks for export and bench
+
+A finished stage whose fingerprint matches is reused; a changed setting reruns that stage and what follows it.
+"""
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed
+from .data import make_split
+from .data.cache import FeatureCache
+from .evaluate import agreement, classification_metrics, gflops, plot_confusion
+from .recipe import Recipe, RecipeError, dump_recipe, to_plain
+from .students import LogitsOnly, build_student, save_student, student_input_spec
+from .teachers import Teacher, ZeroShotHead, build_teacher, make_probe_head
+from .train import DistillSet, GlobalBatchSampler, TeacherTargets, predict, train
+from .utils import atomic_torch_save, atomic_write_text, fingerprint, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+
+class Run:
+    """A run folder plus the recipe; stages record their fingerprints under ``stages/``.
+
+    ``shared`` (used by sweeps) holds the stages that do not depend on the student: split, teacher features,
+    teacher head and synthetic data, so several runs reuse them.
+    """
+
+    def __init__(self, folder, recipe: Recipe, shared=None):
+        self.dir, self.recipe = Path(folder), recipe
+        self.shared = Path(shared) if shared else self.dir
+        self.device = distributed.pick_device(recipe.train.device)
+        self._teacher: Teacher | None = None
+        self.keys: dict = {}
+        self.timings: dict = {}
+
+    # -- stage bookkeeping
+    def stage_file(self, name: str) -> Path:
+        base = self.shared if name in ("split", "features", "probe", "synth") else self.dir
+        return base / "stages" / f"{name}.json"
+
+    def finished(self, name: str, key: str) -> dict | None:
+        path = self.stage_file(name)
+        if path.exists():
+            info = read_json(path)
+            if info.get("key") == key:
+                return info
+        return None
+
+    def stage(self, name: str, key: str, fn) -> dict:
+        """Run ``fn`` unless the stage already finished with this key; only rank 0 computes shared stages."""
+        self.keys[name] = key
+        info = self.finished(name, key)
+        if info is not None:
+            log.info("stage %-9s reused (key %s)", name, key)
+            self.timings[name] = "reused"
+            return info["summary"]
+        t0 = time.perf_counter()
+        log.info("stage %-9s running (key %s)", name, key)
+        summary = fn() or {}
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        if distributed.is_main():
+            write_json(self.stage_file(name), {"key": key, "summary": summary, "seconds": self.timings[name]})
+        return summary
+
+    def teacher(self) -> Teacher:
+        if self._teacher is None:
+            self._teacher = build_teacher(self.recipe.teacher).to(self.device)
+        return self._teacher
+
+
+def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dict:
+    """Run every stage of ``recipe`` into ``out`` (default ``runs/<name>``); returns metrics.json's content."""
+    # 1. Folder, distributed setup, the resolved recipe.
+    out = Path(out or Path("runs") / recipe.name)
+    run = Run(out, recipe, shared_dir)
+    distributed.init_from_env(run.device)
+    validate_for_run(recipe)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+    t0 = time.perf_counter()
+
+    # 2. Shared stages: split, teacher features, teacher head, synthetic data.
+    split = stage_split(run)
+    feats = stage_features(run, split)
+    head = stage_head(run, split, feats)
+    synth = stage_synth(run, split, feats) if recipe.synthetic is not None else None
+
+    # 3. Training stages, per seed.
+    results = []
+    for k in range(seeds):
+        seed_run = with_seed(run, k) if seeds > 1 else run
+        student = stage_distill(seed_run, split, feats, head, synth, k)
+        baseline = stage_baseline(seed_run, split, k) if recipe.baseline else None
+        results.append(stage_evaluate(seed_run, split, feats, head, student, baseline, k))
+    metrics = combine_seeds(run, results) if seeds > 1 else results[0]
+
+    # 4. Export and benchmark when the recipe asks for them.
+    if distributed.is_main() and recipe.export is not None:
+        from .export import export_run
+
+        run.stage("export", fingerprint([run.keys["evaluate"], to_plain(recipe.export)]),
+                  lambda: {"bundles": [str(p) for p in export_run(out, cfg=recipe.export) or []]})
+    if distributed.is_main() and recipe.bench is not None:
+        from .bench import bench_run
+
+        run.stage("bench", fingerprint([run.keys.get("export"), run.keys["evaluate"], to_plain(recipe.bench)]),
+                  lambda: {"rows": len(bench_run(out, recipe.bench) or [])})
+    if distributed.is_main():
+        metrics["timings"] = {**run.timings, "total_seconds": round(time.perf_counter() - t0, 1)}
+        write_json(out / "metrics.json", metrics)
+        write_report(run, metrics, split)
+        print_summary(out, metrics)
+    distributed.barrier()
+    return metrics
+
+
+def validate_for_run(recipe: Recipe):
+    """Combinations that only make sense together, checked before any work."""
+    if recipe.teacher.head == "zeroshot" and recipe.teacher.name not in ("clip", "tiny-clip"):
+        raise RecipeError(f"Recipe key 'teacher.head' is 'zeroshot' but teacher {recipe.teacher.name!r} has no text "
+                          "encoder; use head: linear or mlp")
+    if (recipe.data.mixup or recipe.data.cutmix) and recipe.train.teacher != "online":
+        raise RecipeError("Recipe key 'data.mixup' needs 'train.teacher: online' (the teacher must see the mixed "
+                          "image); set train.teacher=online or data.mixup=0")
+    if not recipe.data.real_train and recipe.synthetic is None:
+        raise RecipeError("Recipe key 'data.real_train' is false but the recipe has no 'synthetic' section: "
+                          "there would be nothing to train on")
+    if recipe.eval.zero_shot and recipe.teacher.head != "zeroshot":
+        raise RecipeError("Recipe key 'eval.zero_shot' needs 'teacher.head: zeroshot' (class text embeddings)")
+
+
+def with_seed(run: Run, k: int) -> Run:
+    recipe = dataclasses.replace(run.recipe, train=dataclasses.replace(run.recipe.train, seed=run.recipe.train.seed + k))
+    seeded = Run(run.dir / f"seed-{k}", recipe, run.shared)
+    seeded._teacher, seeded.keys, seeded.timings = run._teacher, dict(run.keys), run.timings
+    seeded.device = run.device
+    return seeded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared stages
+
+
+def stage_split(run: Run) -> dict:
+    d = run.recipe.data
+    key = fingerprint([d.dataset, d.root, d.classes, d.test_fraction, d.val_fraction, d.max_per_class, d.split_seed])
+    path = run.shared / "split.json"
+
+    def compute():
+        split = make_split(d)
+        write_json(path, split)
+        if split["skipped"]:
+            log.warning("%d unreadable images were skipped (listed in %s)", len(split["skipped"]), path)
+        return {"train": len(split["train"]), "val": len(split["val"]), "test": len(split["test"]),
+                "skipped": len(split["skipped"]), "classes": len(split["classes"])}
+
+    summary = run.stage("split", key, compute if distributed.is_main() else dict)
+    distributed.barrier()
+    split = read_json(path)
+    split["summary"] = summary
+    return split
+
+
+def teacher_key(recipe: Recipe) -> str:
+    t = recipe.teacher
+    return fingerprint([t.name, t.arch, t.pretrained, t.image_size, t.n_cls_blocks, t.avgpool, t.width, t.depth,
+                        t.embed_dim])
+
+
+def open_caches(run: Run, split: dict, tdim: int) -> dict:
+    """The real-image caches: train (all fixed views) and eval (val + test, un-augmented view only)."""
+    d, tkey = run.recipe.data, teacher_key(run.recipe)
+    out = {}
+    groups = {"train": (split["train"], d.views), "eval": (split["val"] + split["test"], 1)}
+    for name, (items, views) in groups.items():
+        meta = {"teacher": tkey, "augment": d.augment, "crop_pct": d.crop_pct, "keys": fingerprint(items)}
+        folder = run.shared / "cache" / f"{name}-{fingerprint(meta)}"
+        out[name] = FeatureCache(folder, [p for p, _ in items], views, tdim, meta)
+    return out
+
+
+def eval_crop(run: Run, spec) -> float:
+    return run.recipe.data.crop_pct or spec.crop_pct
+
+
+def stage_features(run: Run, split: dict) -> dict:
+    """Teacher features of every fixed view, computed once (train views only when real images are trained on)."""
+    r = run.recipe
+    key = fingerprint([run.keys["split"], teacher_key(r), r.data.views, r.data.augment, r.data.crop_pct,
+                       r.data.real_train])
+
+    def compute():
+        t = run.teacher()
+        caches = open_caches(run, split, t.feature_dim)
+        crop = r.data.crop_pct or t.info.input.crop_pct
+        groups = [("eval", split["val"] + split["test"])] + ([("train", split["train"])] if r.data.real_train else [])
+        for name, items in groups:
+            n = caches[name].fill(t, items, r.data.augment, crop, r.teacher.batch_size, r.data.num_workers,
+                                  run.device, desc=f"teacher features ({name})")
+            log.info("teacher features (%s): %d computed, %d reused", name, n, caches[name].done.size - n)
+        return {"dim": t.feature_dim, "input": t.info.input.to_dict(), "gflops": gflops(t.flops_model(),
+                t.info.input.size), "params_m": sum(p.numel() for p in t.parameters()) / 1e6,
+                "info": {"name": t.info.name, "arch": t.info.arch, "weights": t.info.weights,
+                         "licence": t.info.licence}}
+
+    summary = run.stage("features", key, compute if distributed.is_main() else dict)
+    distributed.barrier()
+    summary = read_json(run.stage_file("features"))["summary"]
+    return {**summary, "caches": open_caches(run, split, summary["dim"])}
+
+
+def class_prompt_names(recipe: Recipe, classes) -> list[str]:
+    return [recipe.data.prompt_names.get(c, c.replace("_", " ")) for c in classes]
+
+
+def stage_head(run: Run, split: dict, feats: dict) -> torch.nn.Module:
+    """The teacher's head: probed on cached features (linear/MLP), CLIP's text head, or its own classifier."""
+    r, t = run.recipe, run.recipe.teacher
+    key = fingerprint([run.keys["features"], t.head, t.templates, r.data.prompt_names, r.data.superclass,
+                       t.probe_epochs, t.probe_lr, t.probe_weight_decay, t.probe_batch_size])
+    path = run.shared / "probe" / "head.pt"
+
+    def compute():
+        if t.head == "zeroshot":
+            head = run.teacher().text_head(class_prompt_names(r, split["classes"]), t.templates, r.data.superclass)
+        elif t.head == "native":
+            head, _ = run.teacher().native_head()
+        else:
+            head = probe(feats["caches"]["train"], split, feats["dim"], t, r.train.seed)
+        atomic_torch_save(head.cpu(), path)
+        return {"kind": t.head}
+
+    run.stage("probe", key, compute if distributed.is_main() else dict)
+    distributed.barrier()
+    head = torch.load(path, map_location="cpu", weights_only=False).eval()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return head
+
+
+def probe(cache: FeatureCache, split: dict, dim: int, t, seed: int) -> torch.nn.Module:
+    """Train a linear or MLP head on frozen, cached teacher features of the un-augmented views (P1 step 1)."""
+    torch.manual_seed(seed)
+    x = cache.get(np.arange(len(split["train"])))
+    y = torch.tensor([label for _, label in split["train"]])
+    head = make_probe_head(t.head, dim, len(split["classes"]))
+    opt = torch.optim.AdamW(head.parameters(), lr=t.probe_lr, weight_decay=t.probe_weight_decay)
+    steps = t.probe_epochs * max(1, len(x) // t.probe_batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(t.probe_epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for b in range(0, len(x), t.probe_batch_size):
+            idx = perm[b:b + t.probe_batch_size]
+            loss = torch.nn.functional.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return head.eval()
+
+
+def stage_synth(run: Run, split: dict, feats: dict) -> dict:
+    from .data.synth import synth_stage
+
+    key = fingerprint([run.keys["probe"], to_plain(run.recipe.synthetic), run.recipe.data.views,
+                       run.recipe.data.augment, run.recipe.data.prompt_names, run.recipe.data.superclass])
+    teacher = None
+
+    def compute():
+        nonlocal teacher
+        teacher = run.teacher()
+        teacher.head = torch.load(run.shared / "probe" / "head.pt", map_location="cpu",
+                                  weights_only=False).to(run.device)
+        result = synth_stage(run.recipe, run.shared, teacher, split, run.device)
+        write_json(run.shared / "synth" / "kept.json", {"items": result["items"], "rows": list(map(int, result["rows"])),
+                                                         "cache": str(result["cache"].folder),
+                                                         "report": result.get("report", {})})
+        return {"kept": len(result["items"]), "report": result.get("report", {})}
+
+    run.stage("synth", key, compute if distributed.is_main() else dict)
+    distributed.barrier()
+    kept = read_json(run.shared / "synth" / "kept.json")
+    meta = read_json(Path(kept["cache"]) / "meta.json")
+    cache = FeatureCache(kept["cache"], read_json(Path(kept["cache"]) / "keys.json"), meta["views"], meta["dim"],
+                         {k: v for k, v in meta.items() if k not in ("items", "views", "dim")})
+    # Synthetic images feed only the distillation terms (P1), so their training label is -1.
+    return {"items": [(p, -1) for p, _ in kept["items"]],
+            "labels": [y for _, y in kept["items"]], "rows": kept["rows"], "cache": cache, "report": kept["report"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training stages
+
+
+def student_spec(run: Run):
+    spec = student_input_spec(run.recipe)
+    spec.crop_pct = eval_crop(run, spec)
+    return spec
+
+
+def stage_distill(run: Run, split: dict, feats: dict, head, synth, k: int) -> dict:
+    r = run.recipe
+    key = fingerprint([run.keys["probe"], run.keys.get("synth"), to_plain(r.student), to_plain(r.loss),
+                       to_plain(r.train), r.data.augment, r.data.views, r.data.mixup, r.data.image_size,
+                       r.data.crop_pct, r.data.real_train, r.eval.zero_shot])
+    folder = run.dir / "student"
+
+    def compute():
+        spec = student_spec(run)
+        text = head.text if r.eval.zero_shot and isinstance(head, ZeroShotHead) else None
+        model = build_student(r, len(split["classes"]), feats["dim"], text)
+        items, targets = [], TeacherTargets()
+        if r.data.real_train:
+            items += [tuple(it) for it in split["train"]]
+            targets.add(feats["caches"]["train"], np.arange(len(split["train"])))
+        n_real = len(items)
+        if synth is not None:
+            items += synth["items"]
+            targets.add(synth["cache"], synth["rows"])
+        teacher = TeacherForTraining(run, head, online=r.train.teacher == "online")
+        dataset = DistillSet(items, spec.to_dict(), feats["input"], r.data.augment, r.data.views,
+                             spec.crop_pct, r.train.seed, online=r.train.teacher == "online")
+        sampler = GlobalBatchSampler(n_real, len(items) - n_real, r.train.batch_size, r.train.seed,
+                                     r.train.real_fraction)
+        rows = train(model, dataset, sampler, r.train, r.loss, folder, key, teacher=teacher, targets=targets,
+                     workers=r.data.num_workers, desc="distill", device=run.device, mixup=r.data.mixup)
+        if distributed.is_main():
+            extra = {"teacher": feats["info"], "generator": synth_generator_info(r)}
+            save_student(folder / "model.pt", model.cpu(), r, split["classes"], spec, extra)
+        return {"epochs": len(rows), "last": rows[-1] if rows else {}}
+
+    summary = run.stage("distill", key, compute)
+    return {"key": key, "folder": folder, "summary": summary}
+
+
+def synth_generator_info(recipe: Recipe):
+    if recipe.synthetic is None:
+        return None
+    try:
+        from .data.synth import generator_info
+
+        return generator_info(recipe.synthetic)
+    except (ImportError, AttributeError):
+        return {"generator": recipe.synthetic.generator, "model_id": recipe.synthetic.model_id}
+
+
+class TeacherForTraining:
+    """What the training loop needs of the teacher: features (online) and the frozen head."""
+
+    def __init__(self, run: Run, head, online: bool):
+        self.run, self.head, self.online = run, head.to(run.device), online
+
+    def encode(self, x):
+        return self.run.teacher().encode(x)
+
+    def logits(self, features):
+        return self.head(features)
+
+    def to(self, device):
+        self.head.to(device)
+        return self
+
+
+def stage_baseline(run: Run, split: dict, k: int) -> dict:
+    """The same student, same data and budget, cross-entropy only: what the teacher is worth."""
+    r = run.recipe
+    key = fingerprint([run.keys["split"], to_plain(r.student), to_plain(r.train), r.data.augment, r.data.views,
+                       r.data.image_size, r.data.crop_pct, r.loss.label_smoothing])
+    folder = run.dir / "baseline"
+
+    def compute():
+        spec = student_spec(run)
+        model = build_student(r, len(split["classes"]), 0, baseline=True)
+        items = [tuple(it) for it in split["train"]]
+        dataset = DistillSet(items, spec.to_dict(), None, r.data.augment, r.data.views, spec.crop_pct,
+                             r.train.seed, online=False)
+        sampler = GlobalBatchSampler(len(items), 0, r.train.batch_size, r.train.seed)
+        weights = dataclasses.replace(r.loss, ce=1.0, kd=0.0, hard_kd=0.0, feature_l2=0.0, align_uniform=0.0)
+        rows = train(model, dataset, sampler, r.train, weights, folder, key, workers=r.data.num_workers,
+                     desc="baseline", device=run.device)
+        if distributed.is_main():
+            save_student(folder / "model.pt", model.cpu(), r, split["classes"], spec, {"baseline": True})
+        return {"epochs": len(rows), "last": rows[-1] if rows else {}}
+
+    summary = run.stage("baseline", key, compute)
+    return {"key": key, "folder": folder, "summary": summary}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation and report
+
+
+def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, baseline: dict | None, k: int) -> dict:
+    from .students import load_student
+
+    r = run.recipe
+    key = fingerprint([student["key"], baseline and baseline["key"], run.keys["probe"], to_plain(r.eval)])
+    path = run.dir / "metrics.json"
+    classes, test = split["classes"], split["test"]
+    labels = torch.tensor([y for _, y in test])
+
+    def compute():
+        if not distributed.is_main():
+            return {}
+        tk = r.eval.top_k
+        n_eval = len(split["val"])
+        t_feat = feats["caches"]["eval"].get(np.arange(n_eval, n_eval + len(test)))
+        t_logits = head(t_feat)
+        metrics = {"recipe": r.name, "classes": classes, "n_test": len(test),
+                   "teacher": {**classification_metrics(t_logits, labels, classes, tk), "gflops": feats["gflops"],
+                               "params_m": feats["params_m"], **feats["info"]}}
+        for name, stage in (("student", student), ("baseline", baseline)):
+            if stage is None:
+                continue
+            model, blob = load_student(run.dir, name)
+            out = predict(model, test, blob["input"], blob["input"]["crop_pct"],
+                          r.train.batch_size, run.device, r.data.num_workers, desc=f"evaluate {name}")
+            logits = out["logits"]
+            metrics[name] = {**classification_metrics(logits, labels, classes, tk),
+                             "gflops": gflops(LogitsOnly(model), blob["input"]["size"]),
+                             "params_m": sum(p.numel() for n, p in model.named_parameters()
+                                             if not n.startswith("au_")) / 1e6,
+                             "image_size": blob["input"]["size"], "model": r.student.name}
+            metrics[name]["agreement_with_teacher"] = agreement(logits, t_logits)
+            if name == "student" and "embedding" in out and out["embedding"].shape[1] == t_feat.shape[1]:
+                metrics[name]["feature_cosine"] = torch.nn.functional.cosine_similarity(
+                    out["embedding"], t_feat).mean().item()
+        metrics["gflops_ratio"] = metrics["student"]["gflops"] / max(metrics["teacher"]["gflops"], 1e-12)
+        if r.eval.corruptions:
+            metrics["robustness"] = evaluate_robustness(run, test, head)
+        for name in ("teacher", "student", "baseline"):
+            if name in metrics:
+                plot_confusion(metrics[name]["confusion"], classes, run.dir / f"confusion-{name}.png",
+                               f"{name}: top-1 {metrics[name]['top1']:.1f}%")
+        write_json(path, metrics)
+        return {"student_top1": metrics["student"]["top1"]}
+
+    run.stage("evaluate", key, compute)
+    distributed.barrier()
+    return read_json(path)
+
+
+def evaluate_robustness(run: Run, test: list, head) -> dict:
+    """Common corruptions (P4 §7): teacher and student see the very same corrupted pixels; mPC and rPC per model."""
+    from . import robustness
+    from .students import load_student
+    from .target.run import center_crop_box, resize_normalize
+
+    r = run.recipe
+    names = {"default": robustness.DEFAULT_SUBSET, "all": robustness.ALL_CORRUPTIONS}.get(
+        r.eval.corruptions[0], r.eval.corruptions) if len(r.eval.corruptions) == 1 else r.eval.corruptions
+    for name in names:
+        robustness.CORRUPTIONS.get(name)
+    items = test[:: max(1, len(test) // max(1, r.eval.corruption_images))][: r.eval.corruption_images]
+    labels = [y for _, y in items]
+    student, blob = load_student(run.dir, "student")
+    teacher, sspec = run.teacher(), blob["input"]
+    tspec = teacher.info.input.to_dict()
+    crop = eval_crop(run, teacher.info.input)
+    images = []  # centre crop once at 224 px; corruptions act on what both models then resize
+    for path, _ in items:
+        from .data import load_rgb
+
+        img = load_rgb(path)
+        images.append(img.crop(center_crop_box(img.width, img.height, crop)).resize((224, 224)))
+
+    def predictor(fn, spec):
+        def predict(batch):
+            x = torch.from_numpy(np.stack([resize_normalize(im, spec) for im in batch])).to(run.device)
+            with torch.no_grad():
+                return fn(x).argmax(1).cpu().numpy()
+        return predict
+
+    models = {"teacher": predictor(lambda x: head.to(run.device)(teacher.encode(x)), tspec),
+              "student": predictor(lambda x: student.to(run.device)(x)["logits"], sspec)}
+    tables, clean = {}, {}
+    for name, fn in models.items():
+        clean[name] = float((fn(images) == np.asarray(labels)).mean())
+        tables[name] = robustness.evaluate_corruptions(fn, images, labels, names, r.eval.severities,
+                                                       seed=r.train.seed)
+    summary = robustness.corruption_summary(tables, clean)
+    markdown = (f"## Common corruptions\n\n{len(items)} held-out images, severities "
+                f"{list(r.eval.severities)}; accuracy in %. mPC: mean over corruptions of the mean over severities; "
+                f"rPC = mPC / clean.\n\n" + robustness.corruption_report(tables, clean))
+    return {**summary, "images": len(items), "markdown": markdown}
+
+
+def combine_seeds(run: Run, results: list[dict]) -> dict:
+    from .stats import aggregate_metrics
+
+    keep = [{k: v for k, v in m.items() if k in ("teacher", "student", "baseline")} for m in results]
+    for m in keep:
+        for v in m.values():
+            for drop in ("per_class", "confusion", "name", "arch", "weights", "licence", "model"):
+                v.pop(drop, None)
+    metrics = dict(results[0])
+    metrics["seeds"] = aggregate_metrics(keep)
+    for name in ("student", "baseline"):
+        if name in metrics["seeds"]:
+            metrics[name] = {**metrics[name], "top1": metrics["seeds"][name]["top1"]["mean"],
+                             "top1_ci95": metrics["seeds"][name]["top1"]["ci95"]}
+    return metrics
+
+
+def fmt(v, digits=1):
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def summary_rows(metrics: dict) -> list[tuple]:
+    rows = []
+    for name in ("teacher", "student", "baseline"):
+        m = metrics.get(name)
+        if m:
+            top5 = next((v for k, v in m.items() if k.startswith("top") and k != "top1" and k[3:].isdigit()), None)
+            ci = f" ± {m['top1_ci95']:.1f}" if "top1_ci95" in m else ""
+            rows.append((name, f"{fmt(m['top1'])}{ci}", fmt(top5), fmt(m.get("gflops"), 3), fmt(m.get("params_m"), 2),
+                         fmt(m.get("agreement_with_teacher"))))
+    return rows
+
+
+def print_summary(out: Path, metrics: dict):
+    header = ("model", "top-1 %", "top-5 %", "GFLOPs", "params M", "agree %")
+    rows = [header] + summary_rows(metrics)
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    print()
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print(f"\nRun folder: {out}  (metrics.json, report.md)")
+
+
+def write_report(run: Run, metrics: dict, split: dict):
+    r = run.recipe
+    lines = [f"# {r.name}", "", r.description, "",
+             f"Teacher `{r.teacher.name}` ({metrics['teacher'].get('arch', '')}, {metrics['teacher'].get('weights', '')})"
+             f" → student `{r.student.name}`; {metrics['n_test']} held-out images, {len(split['classes'])} classes.",
+             "", "| model | top-1 % | top-5 % | GFLOPs/img | params (M) | agreement with teacher % |",
+             "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(metrics)]
+    lines += ["", f"Student GFLOPs are {100 * metrics['gflops_ratio']:.0f}% of the teacher's.", ""]
+    if "seeds" in metrics:
+        lines += ["## Seeds", "", f"{len(next(iter(metrics['seeds']['student'].values()))['values'])} seeds; "
+                  "mean ± 95% CI (1.96·σ/√n, sample σ).", "", "| model | metric | mean | ± CI95 | values |",
+                  "|---|---|---|---|---|"]
+        for name, group in metrics["seeds"].items():
+            for metric, s in group.items():
+                if isinstance(s, dict) and "mean" in s:
+                    lines.append(f"| {name} | {metric} | {s['mean']:.2f} | {s['ci95']:.2f} | "
+                                 f"{', '.join(f'{v:.2f}' for v in s['values'])} |")
+        lines.append("")
+    lines += ["## Per-class top-1 %", "", "| class | " + " | ".join(n for n in ("teacher", "student", "baseline")
+                                                                     if n in metrics) + " |",
+              "|---|" + "---|" * sum(n in metrics for n in ("teacher", "student", "baseline"))]
+    for c in split["classes"]:
+        vals = [fmt(metrics[n]["per_class"].get(c)) for n in ("teacher", "student", "baseline")
+                if n in metrics and "per_class" in metrics[n]]
+        lines.append(f"| {c} | " + " | ".join(vals) + " |")
+    lines += ["", "## Confusion matrices", ""]
+    lines += [f"![{n}](confusion-{n}.png)" for n in ("teacher", "student", "baseline") if n in metrics]
+    for extra in ("robustness", "synthetic", "spurious", "gap"):
+        if extra in metrics and isinstance(metrics[extra], dict) and "markdown" in metrics[extra]:
+            lines += ["", metrics[extra]["markdown"]]
+    lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in metrics.get("timings", {}).items()]
+    if split.get("skipped"):
+        lines += ["", f"{len(split['skipped'])} unreadable images were skipped; see split.json."]
+    atomic_write_text(run.dir / "report.md", "\n".join(lines) + "\n")
+
+
+def load_run_recipe(run_dir) -> Recipe:
+    import yaml
+
+    from .recipe import build
+
+    return build(Recipe, yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()), "")
+
+
+def load_run_teacher(run_dir, device: str = "cpu") -> Teacher:
+    """The teacher of a finished run with its head attached (raises WeightsUnavailable when weights are absent)."""
+    run_dir = Path(run_dir)
+    recipe = load_run_recipe(run_dir)
+    teacher = build_teacher(recipe.teacher).to(device)
+    teacher.head = torch.load(run_dir / "probe" / "head.pt", map_location=device, weights_only=False).eval()
+    teacher.class_names = read_json(run_dir / "split.json")["classes"]
+    return teacher

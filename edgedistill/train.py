@@ -1,0 +1,280 @@
+"""One readable training loop, shared by distillation and the no-teacher baseline.
+
+Sampling and augmentation are functions of (seed, epoch, item), and every rank takes an interleaved slice of
+the same global batch, so 1 process and N DDP processes see the same batches, and a resumed run repeats exactly
+what the killed one would have done.
+"""
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from . import distributed, losses
+from .data import resize_normalize, view_image
+from .data.cache import view_seed
+from .utils import atomic_torch_save, derived_seed
+
+log = logging.getLogger(__name__)
+
+
+class TeacherTargets:
+    """Teacher features for training items, read from one or more feature caches (real, synthetic)."""
+
+    def __init__(self):
+        self.parts = []  # (start, stop, cache, rows)
+
+    def add(self, cache, rows):
+        start = self.parts[-1][1] if self.parts else 0
+        self.parts.append((start, start + len(rows), cache, np.asarray(rows, dtype=np.int64)))
+
+    def get(self, idx: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        idx, views = idx.numpy(), views.numpy()
+        out = None
+        for start, stop, cache, rows in self.parts:
+            mask = (idx >= start) & (idx < stop)
+            if mask.any():
+                f = cache.get(rows[idx[mask] - start], views[mask])
+                out = torch.empty(len(idx), f.shape[1]) if out is None else out
+                out[torch.from_numpy(mask)] = f
+        return out
+
+
+class DistillSet(Dataset):
+    """Yields (student image, teacher image or empty, label, item index, view) for one epoch."""
+
+    def __init__(self, items, student_spec: dict, teacher_spec: dict | None, augment: str, views: int,
+                 crop_pct: float, seed: int, online: bool):
+        self.items, self.sspec, self.tspec = items, student_spec, teacher_spec
+        self.augment, self.views, self.crop_pct, self.seed, self.online = augment, views, crop_pct, seed, online
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i][0], self.items[i][1]
+        if self.online:  # a fresh augmentation each epoch; the teacher sees this same view
+            view, vseed = 0, derived_seed("online", self.seed, self.epoch, i)
+        else:  # one of the fixed views whose teacher features are cached
+            view = int(np.random.default_rng(derived_seed("pick", self.seed, self.epoch, i)).integers(self.views))
+            vseed = view_seed(path, view)
+        img = view_image(path, self.augment, vseed, self.crop_pct)
+        s = torch.from_numpy(resize_normalize(img, self.sspec))
+        t = torch.from_numpy(resize_normalize(img, self.tspec)) if self.online and self.tspec else torch.empty(0)
+        return s, t, label, i, view
+
+
+class GlobalBatchSampler(Sampler):
+    """Global batches drawn from real and synthetic items (P1: equal frequency); each rank takes batch[rank::world]."""
+
+    def __init__(self, n_real: int, n_synth: int, batch_size: int, seed: int, real_fraction: float = 0.5):
+        self.n_real, self.n_synth, self.seed, self.rf = n_real, n_synth, seed, real_fraction
+        self.rank, self.world = distributed.world()
+        n = self.epoch_size()
+        self.batch = min(batch_size, n)
+        self.batch -= self.batch % self.world
+        if self.batch < self.world:
+            raise ValueError(f"Too few training images ({n}) for {self.world} processes")
+        self.epoch = 0
+
+    def epoch_size(self) -> int:
+        if self.n_real and self.n_synth:
+            return self.n_real + int(round(self.n_real * (1 - self.rf) / self.rf))
+        return self.n_real + self.n_synth
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def order(self) -> np.ndarray:
+        rng = np.random.default_rng(derived_seed("order", self.seed, self.epoch))
+        real = np.arange(self.n_real)
+        synth = self.n_real + np.arange(self.n_synth)
+        if self.n_real and self.n_synth:
+            want = self.epoch_size() - self.n_real
+            synth = np.concatenate([rng.permutation(synth) for _ in range(math.ceil(want / self.n_synth))])[:want]
+        return rng.permutation(np.concatenate([real, synth]))
+
+    def __len__(self):
+        return self.epoch_size() // self.batch
+
+    def __iter__(self):
+        order = self.order()
+        for b in range(len(self)):
+            yield order[b * self.batch:(b + 1) * self.batch][self.rank::self.world].tolist()
+
+
+def loss_terms(out: dict, t_feat, t_logits, labels, w, temperature: float, label_smoothing: float) -> dict:
+    """Each weighted term of the recipe's loss; synthetic/unlabelled images (label -1) never feed the task term."""
+    terms = {}
+    logits = out.get("logits")
+    labelled = labels >= 0 if labels.dim() == 1 else labels.sum(-1) > 0
+    if w.ce and labelled.any():
+        terms["ce"] = losses.cross_entropy(logits[labelled], labels[labelled], label_smoothing)
+    if w.kd:
+        terms["kd"] = losses.kd(logits, t_logits, temperature)
+    if w.hard_kd:
+        terms["hard_kd"] = losses.hard_kd(logits, t_logits)
+    if w.feature_l2:
+        terms["feature_l2"] = losses.feature_l2(out["embedding"], t_feat)
+    if w.align_uniform:
+        terms["align_uniform"] = losses.align_uniform(out["au_student"], out["au_teacher"])
+    return terms
+
+
+def lr_lambda(cfg, steps_per_epoch: int):
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    total = max(1, cfg.epochs * steps_per_epoch)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return factor
+
+
+def make_optimizer(model, cfg):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights, out_dir, key: str,
+          teacher=None, targets: TeacherTargets | None = None, workers: int = 0, desc: str = "train",
+          device: str = "cpu", mixup: float = 0.0) -> list[dict]:
+    """Train ``model`` in place; checkpoints every epoch to ``out_dir/checkpoint.pt`` and resumes from it.
+
+    Returns the per-epoch log rows (also appended to ``out_dir/log.jsonl``).
+    """
+    # 1. Place the model, wrap it for DDP, build optimiser and schedule.
+    out_dir = Path(out_dir)
+    rank, world = distributed.world()
+    cuda = device.startswith("cuda")
+    model.to(device)
+    if cuda and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(device)
+    net = DistributedDataParallel(model, device_ids=[device] if cuda else None) if world > 1 else model
+    step_fn = torch.compile(net) if cfg.compile else net
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, len(sampler)))
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else torch.autocast("cpu", enabled=False)
+
+    # 2. Resume from the last finished epoch of the same configuration.
+    ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "log.jsonl"
+    start, rows = 0, []
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt.get("key") == key:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            start, rows = ckpt["epoch"] + 1, ckpt["log"]
+            if distributed.is_main():
+                log.info("%s: resuming from the checkpoint after epoch %d of %d", desc, start, cfg.epochs)
+
+    # 3. Epochs.
+    for epoch in range(start, cfg.epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        torch.manual_seed(derived_seed("torch", cfg.seed, epoch, rank))
+        model.train()
+        sums, seen, t0 = {}, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=not distributed.is_main())
+        for xs, xt, labels, idx, views in bar:
+            xs, labels = xs.to(device, non_blocking=True), labels.to(device)
+            if cuda and cfg.channels_last:
+                xs = xs.contiguous(memory_format=torch.channels_last)
+            t_feat = t_logits = None
+            if teacher is not None:
+                t_feat = teacher.encode(xt.to(device)) if xt.numel() else targets.get(idx, views).to(device)
+                if mixup > 0:
+                    xs, t_feat, labels = mix_real(xs, xt.to(device) if xt.numel() else None, labels, teacher, mixup,
+                                                  derived_seed("mix", cfg.seed, epoch, int(idx[0])), t_feat)
+                t_logits = teacher.logits(t_feat)
+            with amp:
+                out = step_fn(xs, teacher_features=t_feat) if weights.align_uniform else step_fn(xs)
+                out = {k: v.float() for k, v in out.items()}
+                terms = loss_terms(out, t_feat, t_logits, labels, weights, weights.temperature,
+                                   weights.label_smoothing)
+                loss = sum(getattr(weights, k) * v for k, v in terms.items())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            seen += len(xs) * world
+            for k, v in {"loss": loss, **terms}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(xs)
+            bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        elapsed = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], "images_per_s": seen / elapsed, "seconds": elapsed}
+        row.update({k: distributed.all_reduce_mean(v / max(1, seen // world)) for k, v in sums.items()})
+        rows.append(row)
+        if distributed.is_main():
+            log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs,
+                     ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch",)))
+            atomic_torch_save({"key": key, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "log": rows}, ckpt_path)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        distributed.barrier()
+    return rows
+
+
+def mix_real(xs, xt, labels, teacher, alpha, seed, t_feat):
+    """Mixup on real labelled images only (P1); needs the online teacher so it sees the mixed image too."""
+    real = (labels >= 0).nonzero().flatten()
+    num_classes = teacher.head.fc.out_features if hasattr(teacher.head, "fc") else int(labels.max()) + 1
+    soft = torch.zeros(len(labels), num_classes, device=labels.device)
+    soft[real, labels[real]] = 1.0
+    if len(real) < 2 or xt is None:
+        return xs, t_feat, soft
+    g = torch.Generator().manual_seed(seed)
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = real[torch.randperm(len(real), generator=g)]
+    xs, xt = xs.clone(), xt.clone()
+    xs[real] = lam * xs[real] + (1 - lam) * xs[perm]
+    xt[real] = lam * xt[real] + (1 - lam) * xt[perm]
+    soft[real] = lam * soft[real] + (1 - lam) * soft[perm]
+    return xs, teacher.encode(xt), soft
+
+
+class EvalSet(Dataset):
+    def __init__(self, items, spec: dict, crop_pct: float):
+        self.items, self.spec, self.crop_pct = items, spec, crop_pct
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        img = view_image(self.items[i][0], "none", None, self.crop_pct)
+        return torch.from_numpy(resize_normalize(img, self.spec)), self.items[i][1]
+
+
+@torch.no_grad()
+def predict(model, items, spec: dict, crop_pct: float, batch_size: int = 64, device: str = "cpu",
+            workers: int = 0, desc: str = "evaluate") -> dict:
+    """Outputs of the student on the un-augmented view of each item: {'logits': ..., 'embedding': ...}."""
+    model.eval().to(device)
+    outs: dict = {}
+    loader = DataLoader(EvalSet(items, spec, crop_pct), batch_size=batch_size, num_workers=workers)
+    for x, _ in tqdm(loader, desc=desc, leave=False, disable=not distributed.is_main()):
+        for k, v in model(x.to(device)).items():
+            outs.setdefault(k, []).append(v.float().cpu())
+    return {k: torch.cat(v) for k, v in outs.items()}

@@ -1,0 +1,81 @@
+"""Small helpers shared across the package: optional imports, hashing, atomic writes, seeding."""
+import hashlib
+import importlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def require(module: str, extra: str):
+    """Import an optional backend or fail with the exact install command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"This feature needs {module!r}: pip install 'edgedistill[{extra}]'") from e
+
+
+def fingerprint(obj) -> str:
+    """A short, stable hash of any JSON-serialisable object (used to key stages and caches)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Write via a temporary file and rename, so a kill never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path, text: str):
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def atomic_torch_save(obj, path):
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def seed_everything(seed: int):
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts) -> int:
+    """A seed that depends only on its parts, so per-sample randomness is the same on any rank or resume."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little")

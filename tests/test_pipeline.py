@@ -1,0 +1,143 @@
+"""End to end through `cli.main`, stage reuse, kill-and-resume, and DDP on CPU."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgedistill.cli import main
+
+from conftest import tiny_recipe, write_recipe
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args):
+    return main(["recipe", "run", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, image_folder):
+    folder = tmp_path_factory.mktemp("e2e")
+    recipe = write_recipe(folder / "tiny.yaml", tiny_recipe(image_folder, train={"epochs": 3, "batch_size": 8,
+                                                                                   "lr": 0.003, "device": "cpu"}))
+    assert run_cli(recipe, "--out", folder / "run") == 0
+    return recipe, folder / "run"
+
+
+def test_end_to_end_writes_metrics_and_report(finished_run):
+    _, run = finished_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    for name in ("teacher", "student", "baseline"):
+        assert 0 <= metrics[name]["top1"] <= 100
+        assert metrics[name]["n"] == metrics["n_test"] > 0
+    assert metrics["teacher"]["gflops"] > 0 and metrics["student"]["gflops"] > 0
+    assert "agreement_with_teacher" in metrics["student"]
+    report = (run / "report.md").read_text()
+    assert "| student |" in report and "confusion-student.png" in report
+    assert (run / "confusion-student.png").stat().st_size > 1000
+    split = json.loads((run / "split.json").read_text())
+    assert [s["path"].endswith("broken.jpg") for s in split["skipped"]] == [True], "the corrupt image is reported"
+    assert (run / "recipe.yaml").exists() and (run / "student" / "model.pt").exists()
+
+
+def test_rerun_reuses_every_stage_and_changes_nothing(finished_run, caplog):
+    recipe, run = finished_run
+    before = (run / "metrics.json").read_text()
+    caplog.set_level("INFO")
+    t0 = time.perf_counter()
+    assert run_cli(recipe, "--out", run) == 0
+    assert time.perf_counter() - t0 < 30
+    reused = [r.message for r in caplog.records if "reused" in r.message]
+    assert len(reused) == 6, reused  # split, features, probe, distill, baseline, evaluate
+    after = json.loads((run / "metrics.json").read_text())
+    strip = lambda m: {k: v for k, v in m.items() if k != "timings"}  # noqa: E731
+    assert strip(after) == strip(json.loads(before))
+
+
+def test_changed_setting_reruns_only_what_depends_on_it(finished_run, caplog):
+    recipe, run = finished_run
+    caplog.set_level("INFO")
+    assert run_cli(recipe, "--out", run, "loss.temperature=4.0") == 0
+    messages = " ".join(r.message for r in caplog.records)
+    for stage in ("split", "features", "probe", "baseline"):
+        assert f"stage {stage:<9} reused" in messages
+    assert "stage distill   running" in messages
+
+
+def test_typo_override_fails_fast_naming_the_key(capsys):
+    t0 = time.perf_counter()
+    assert main(["recipe", "run", "quickstart", "train.epoch=3"]) == 2
+    assert time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err
+    assert "train.epoch" in err and "train.epochs" in err
+
+
+def test_offline_hub_recipe_fails_with_one_sentence(tmp_path, capsys, image_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = tiny_recipe(image_folder, teacher="dinov2")
+    r["teacher"].update(arch="vit_small_patch14_dinov2.lvd142m")
+    code = main(["recipe", "run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "download on first use" in err and "Traceback" not in err
+
+
+def metrics_of(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, image_folder):
+    r = tiny_recipe(image_folder, train={"epochs": 6, "batch_size": 8, "lr": 0.003, "device": "cpu"}, baseline=False)
+    recipe = write_recipe(tmp_path / "r.yaml", r)
+    cmd = [sys.executable, "-m", "edgedistill", "recipe", "run", str(recipe), "--out"]
+    straight = tmp_path / "straight"
+    subprocess.run(cmd + [str(straight)], env=ENV, check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + [str(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpt = killed / "student" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    epoch_at_kill = torch.load(ckpt, weights_only=False)["epoch"]
+    assert epoch_at_kill < 5 and not (killed / "student" / "model.pt").exists()
+
+    resumed = subprocess.run(cmd + [str(killed)], env=ENV, check=True, capture_output=True, text=True)
+    assert "resuming from the checkpoint" in resumed.stderr
+    a, b = metrics_of(straight)["student"], metrics_of(killed)["student"]
+    assert a["top1"] == b["top1"] and a["confusion"] == b["confusion"]
+    sa = torch.load(straight / "student" / "model.pt", weights_only=False)["state_dict"]
+    sb = torch.load(killed / "student" / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path, image_folder):
+    # LayerNorm (not BatchNorm) student: per-rank batch statistics cannot differ.
+    r = tiny_recipe(image_folder, student={"name": "test_vit", "model_kwargs": {"img_size": 32}}, baseline=False,
+                    train={"epochs": 2, "batch_size": 8, "lr": 0.001, "device": "cpu"})
+    recipe = write_recipe(tmp_path / "r.yaml", r)
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = [sys.executable, "-m", "edgedistill", "recipe", "run", str(recipe), "--out"]
+    subprocess.run(base + [str(one)], env=ENV, check=True, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                "-m", "edgedistill", "recipe", "run", str(recipe), "--out", str(two)]
+    proc = subprocess.run(torchrun, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sa = torch.load(one / "student" / "model.pt", weights_only=False)["state_dict"]
+    sb = torch.load(two / "student" / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-4, rtol=1e-3) for k in sa)
+    la = [json.loads(x)["loss"] for x in (one / "student" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (two / "student" / "log.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-4)
