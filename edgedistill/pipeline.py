@@ -144,6 +144,10 @@ def validate_for_run(recipe: Recipe):
     if not recipe.data.real_train and recipe.synthetic is None:
         raise RecipeError("Recipe key 'data.real_train' is false but the recipe has no 'synthetic' section: "
                           "there would be nothing to train on")
+    if recipe.teacher.pool != "avg" and (recipe.teacher.head == "native" or recipe.teacher.name not in
+                                         ("timm", "efficientnet-lite", "tiny-cnn")):
+        raise RecipeError("Recipe key 'teacher.pool' other than 'avg' needs a timm/efficientnet-lite teacher with a "
+                          "probed head (linear or mlp)")
     if recipe.eval.zero_shot and recipe.teacher.head != "zeroshot":
         raise RecipeError("Recipe key 'eval.zero_shot' needs 'teacher.head: zeroshot' (class text embeddings)")
 
@@ -182,8 +186,8 @@ def stage_split(run: Run) -> dict:
 
 def teacher_key(recipe: Recipe) -> str:
     t = recipe.teacher
-    return fingerprint([t.name, t.arch, t.pretrained, t.image_size, t.n_cls_blocks, t.avgpool, t.width, t.depth,
-                        t.embed_dim])
+    return fingerprint([t.name, t.arch, t.pretrained, t.image_size, t.n_cls_blocks, t.avgpool, t.pool, t.width,
+                        t.depth, t.embed_dim])
 
 
 def open_caches(run: Run, split: dict, tdim: int) -> dict:
@@ -280,7 +284,7 @@ def probe(cache: FeatureCache, split: dict, dim: int, t, seed: int) -> torch.nn.
 
 
 def stage_synth(run: Run, split: dict, feats: dict) -> dict:
-    from .data.synth import synth_stage
+    from .data.synth import is_complete, synth_stage
 
     key = fingerprint([run.keys["probe"], to_plain(run.recipe.synthetic), run.recipe.data.views,
                        run.recipe.data.augment, run.recipe.data.prompt_names, run.recipe.data.superclass])
@@ -291,12 +295,16 @@ def stage_synth(run: Run, split: dict, feats: dict) -> dict:
         teacher = run.teacher()
         teacher.head = torch.load(run.shared / "probe" / "head.pt", map_location="cpu",
                                   weights_only=False).to(run.device)
-        result = synth_stage(run.recipe, run.shared, teacher, split, run.device)
+        n_eval = len(split["val"]) + len(split["test"])
+        eval_features = feats["caches"]["eval"].get(np.arange(n_eval)) if n_eval else None
+        result = synth_stage(run.recipe, run.shared, teacher, split, run.device, eval_features=eval_features)
         write_json(run.shared / "synth" / "kept.json", {"items": result["items"], "rows": list(map(int, result["rows"])),
                                                          "cache": str(result["cache"].folder),
                                                          "report": result.get("report", {})})
         return {"kept": len(result["items"]), "report": result.get("report", {})}
 
+    if distributed.is_main() and not is_complete(run.shared):  # images deleted since: make only those again
+        run.stage_file("synth").unlink(missing_ok=True)
     run.stage("synth", key, compute if distributed.is_main() else dict)
     distributed.barrier()
     kept = read_json(run.shared / "synth" / "kept.json")

@@ -48,6 +48,7 @@ class TeacherCfg:
     head: str = "linear"                # linear | mlp (probed), zeroshot (CLIP text head), native (model's own)
     n_cls_blocks: int = 1               # DINOv2: concatenate the CLS tokens of the last n blocks (P1)
     avgpool: bool = False               # DINOv2: also append the average of the last block's patch tokens
+    pool: str = "avg"                   # timm/EfficientNet-Lite: avg, or avgmax (average and max pooled, concatenated)
     templates: tuple[str, ...] = ("a photo of a {c}.",)
     probe_epochs: int = 30
     probe_lr: float = 1e-3
@@ -325,6 +326,7 @@ def coerce(tp, value, dotted: str):
 
 CHOICES = {
     "teacher.head": ("linear", "mlp", "zeroshot", "native"),
+    "teacher.pool": ("avg", "avgmax"),
     "train.optimizer": ("adamw", "sgd"),
     "train.schedule": ("cosine", "constant"),
     "train.teacher": ("cached", "online"),
@@ -367,9 +369,11 @@ def check_registered_names(recipe: Recipe):
     if recipe.student.weights:
         pairs.append(("student.weights", recipe.student.weights, WEIGHTS))
     if recipe.synthetic is not None:
-        from .data.synth import GENERATORS
+        from .data.synth import GENERATORS, check_synth
 
         pairs.append(("synthetic.generator", recipe.synthetic.generator, GENERATORS))
+        if recipe.synthetic.generator in GENERATORS:
+            check_synth(recipe)
     for dotted, name, registry in pairs:
         if name not in registry:
             raise RecipeError(f"Recipe key {dotted!r}: {registry.unknown_message(name)}")

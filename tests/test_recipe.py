@@ -57,3 +57,14 @@ def test_dump_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_recipe(recipe))
     assert load_recipe(path) == recipe
+
+
+def test_cli_list_and_show(capsys):
+    from edgedistill.cli import main
+
+    assert main(["recipe", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "quickstart" in listed and "pets-tinyvit" in listed
+    assert main(["recipe", "show", "quickstart", "train.epochs=7"]) == 0
+    shown = capsys.readouterr().out
+    assert "epochs: 7" in shown and "efficientnet-lite" in shown

