@@ -110,7 +110,7 @@ def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dic
         seed_run = with_seed(run, k) if seeds > 1 else run
         student = stage_distill(seed_run, split, feats, head, synth, k)
         baseline = stage_baseline(seed_run, split, k) if recipe.baseline else None
-        results.append(stage_evaluate(seed_run, split, feats, head, student, baseline, k))
+        results.append(stage_evaluate(seed_run, split, feats, head, student, baseline, synth))
     metrics = combine_seeds(run, results) if seeds > 1 else results[0]
 
     # 4. Export and benchmark when the recipe asks for them.
@@ -180,6 +180,8 @@ def stage_split(run: Run) -> dict:
     summary = run.stage("split", key, compute if distributed.is_main() else dict)
     distributed.barrier()
     split = read_json(path)
+    if distributed.is_main() and run.shared != run.dir:  # export, demo and bench read the split from the run folder
+        write_json(run.dir / "split.json", split)
     split["summary"] = summary
     return split
 
@@ -326,32 +328,50 @@ def student_spec(run: Run):
     return spec
 
 
+def synth_split(run: Run, synth: dict | None) -> tuple[list, list]:
+    """(training positions, held-out positions) within the kept synthetic images, for the synthetic-to-real gap."""
+    if synth is None:
+        return [], []
+    n, frac = len(synth["items"]), run.recipe.eval.synthetic_holdout
+    step = int(round(1 / frac)) if frac > 0 else 0
+    held = list(range(0, n, step)) if step and n >= 2 * step else []
+    return [i for i in range(n) if i not in set(held)], held
+
+
+def distill(run: Run, split: dict, feats: dict, head, items: list, targets: TeacherTargets, n_real: int,
+            folder: Path, key: str):
+    """Train the recipe's student on ``items`` (real first, then synthetic) against the teacher; returns its log."""
+    r = run.recipe
+    spec = student_spec(run)
+    text = head.text if r.eval.zero_shot and isinstance(head, ZeroShotHead) else None
+    model = build_student(r, len(split["classes"]), feats["dim"], text)
+    online = r.train.teacher == "online"
+    dataset = DistillSet(items, spec.to_dict(), feats["input"], r.data.augment, r.data.views, spec.crop_pct,
+                         r.train.seed, online=online)
+    sampler = GlobalBatchSampler(n_real, len(items) - n_real, r.train.batch_size, r.train.seed, r.train.real_fraction)
+    rows = train(model, dataset, sampler, r.train, r.loss, folder, key, teacher=TeacherForTraining(run, head, online),
+                 targets=targets, workers=r.data.num_workers, desc="distill", device=run.device, mixup=r.data.mixup)
+    return model, spec, rows
+
+
 def stage_distill(run: Run, split: dict, feats: dict, head, synth, k: int) -> dict:
     r = run.recipe
     key = fingerprint([run.keys["probe"], run.keys.get("synth"), to_plain(r.student), to_plain(r.loss),
                        to_plain(r.train), r.data.augment, r.data.views, r.data.mixup, r.data.image_size,
-                       r.data.crop_pct, r.data.real_train, r.eval.zero_shot])
+                       r.data.crop_pct, r.data.real_train, r.eval.zero_shot, r.eval.synthetic_holdout])
     folder = run.dir / "student"
 
     def compute():
-        spec = student_spec(run)
-        text = head.text if r.eval.zero_shot and isinstance(head, ZeroShotHead) else None
-        model = build_student(r, len(split["classes"]), feats["dim"], text)
         items, targets = [], TeacherTargets()
         if r.data.real_train:
             items += [tuple(it) for it in split["train"]]
             targets.add(feats["caches"]["train"], np.arange(len(split["train"])))
         n_real = len(items)
         if synth is not None:
-            items += synth["items"]
-            targets.add(synth["cache"], synth["rows"])
-        teacher = TeacherForTraining(run, head, online=r.train.teacher == "online")
-        dataset = DistillSet(items, spec.to_dict(), feats["input"], r.data.augment, r.data.views,
-                             spec.crop_pct, r.train.seed, online=r.train.teacher == "online")
-        sampler = GlobalBatchSampler(n_real, len(items) - n_real, r.train.batch_size, r.train.seed,
-                                     r.train.real_fraction)
-        rows = train(model, dataset, sampler, r.train, r.loss, folder, key, teacher=teacher, targets=targets,
-                     workers=r.data.num_workers, desc="distill", device=run.device, mixup=r.data.mixup)
+            keep, _ = synth_split(run, synth)
+            items += [synth["items"][i] for i in keep]
+            targets.add(synth["cache"], [synth["rows"][i] for i in keep])
+        model, spec, rows = distill(run, split, feats, head, items, targets, n_real, folder, key)
         if distributed.is_main():
             extra = {"teacher": feats["info"], "generator": synth_generator_info(r)}
             save_student(folder / "model.pt", model.cpu(), r, split["classes"], spec, extra)
@@ -418,7 +438,7 @@ def stage_baseline(run: Run, split: dict, k: int) -> dict:
 # Evaluation and report
 
 
-def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, baseline: dict | None, k: int) -> dict:
+def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, baseline: dict | None, synth) -> dict:
     from .students import load_student
 
     r = run.recipe
@@ -456,6 +476,9 @@ def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, base
         metrics["gflops_ratio"] = metrics["student"]["gflops"] / max(metrics["teacher"]["gflops"], 1e-12)
         if r.eval.corruptions:
             metrics["robustness"] = evaluate_robustness(run, test, head)
+        metrics["gap"] = evaluate_gap(run, split, feats, head, synth, metrics)
+        if r.eval.spurious:
+            metrics["spurious"] = evaluate_spurious(run, split, feats, head, student["key"])
         for name in ("teacher", "student", "baseline"):
             if name in metrics:
                 plot_confusion(metrics[name]["confusion"], classes, run.dir / f"confusion-{name}.png",
@@ -511,6 +534,86 @@ def evaluate_robustness(run: Run, test: list, head) -> dict:
                 f"{list(r.eval.severities)}; accuracy in %. mPC: mean over corruptions of the mean over severities; "
                 f"rPC = mPC / clean.\n\n" + robustness.corruption_report(tables, clean))
     return {**summary, "images": len(items), "markdown": markdown}
+
+
+def evaluate_gap(run: Run, split: dict, feats: dict, head, synth, metrics: dict) -> dict:
+    """Synthetic-to-real gap (P4): held-out synthetic vs real test accuracy, and train vs test accuracy."""
+    from .students import load_student
+
+    model, blob = load_student(run.dir, "student")
+    r = run.recipe
+
+    def student_acc(items):
+        out = predict(model, items, blob["input"], blob["input"]["crop_pct"], r.train.batch_size, run.device,
+                      desc="evaluate gap")
+        return 100.0 * (out["logits"].argmax(1) == torch.tensor([y for _, y in items])).float().mean().item()
+
+    # Training accuracy on (up to 500 of) the images the student was trained on: real if any, else synthetic.
+    train_pool = split["train"] if r.data.real_train else (synth["items"] if synth else [])
+    labels = [y for _, y in split["train"]] if r.data.real_train else (synth["labels"] if synth else [])
+    sample = [(p, y) for (p, _), y in list(zip(train_pool, labels))[:: max(1, len(train_pool) // 500)]]
+    rows = {"real test": {"student": metrics["student"]["top1"], "teacher": metrics["teacher"]["top1"]}}
+    if sample:
+        rows["train (sample)"] = {"student": student_acc(sample)}
+    _, held = synth_split(run, synth)
+    if held:
+        items = [(synth["items"][i][0], synth["labels"][i]) for i in held]
+        t_logits = head(synth["cache"].get([synth["rows"][i] for i in held]))
+        rows["synthetic held-out"] = {"student": student_acc(items), "teacher": 100.0 * (
+            t_logits.argmax(1) == torch.tensor([y for _, y in items])).float().mean().item()}
+    lines = ["## Synthetic-to-real gap", "", "Top-1 % on each set; a large train-test or synthetic-real difference "
+             "means the student fits its training images (or the generator's style) more than the task.", "",
+             "| images | student | teacher |", "|---|---|---|"]
+    lines += [f"| {k} | {fmt(v.get('student'))} | {fmt(v.get('teacher'))} |" for k, v in rows.items()]
+    return {"rows": rows, "markdown": "\n".join(lines)}
+
+
+def evaluate_spurious(run: Run, split: dict, feats: dict, head, distill_key: str) -> dict:
+    """P4's spurious-feature probe: distil a second student on images whose class is also painted as a colour cue,
+    then test teacher and student with the cue on the right class and on a shuffled one."""
+    from . import robustness
+    from .data import load_rgb
+
+    r, K = run.recipe, len(split["classes"])
+    folder = run.dir / "spurious"
+    rng = np.random.default_rng(r.train.seed)
+    test_labels = [y for _, y in split["test"]]
+    sets = {"train": (split["train"], [y for _, y in split["train"]]), "cue": (split["test"], test_labels),
+            "shuffled": (split["test"], list(robustness.shuffled_labels_for_cue(test_labels, rng)))}
+    paths = {}
+    for name, (items, cues) in sets.items():  # 1. cued copies of the images
+        paths[name] = []
+        for i, ((path, y), cue) in enumerate(zip(items, cues)):
+            out = folder / name / f"{i:06d}.png"
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                robustness.add_cue(load_rgb(path), int(cue), K, kind=r.eval.spurious).save(out)
+            paths[name].append((str(out), y))
+    # 2. Teacher features of the cued images, then a student distilled on the cued training images.
+    teacher, crop = run.teacher(), eval_crop(run, run.teacher().info.input)
+    caches = {}
+    for name, items in paths.items():
+        views = r.data.views if name == "train" else 1
+        meta = {"teacher": teacher_key(r), "spurious": r.eval.spurious, "augment": r.data.augment, "crop_pct": crop}
+        caches[name] = FeatureCache(folder / "cache" / name, [p for p, _ in items], views, teacher.feature_dim, meta)
+        caches[name].fill(teacher, items, r.data.augment, crop, r.teacher.batch_size, device=run.device,
+                          desc=f"teacher features (cued {name})")
+    targets = TeacherTargets()
+    targets.add(caches["train"], np.arange(len(paths["train"])))
+    model, spec, _ = distill(run, split, feats, head, paths["train"], targets, len(paths["train"]),
+                             folder / "student", fingerprint([distill_key, r.eval.spurious]))
+    # 3. Accuracy with the cue on the true class and on a shuffled one.
+    acc = {"cue": {}, "shuffled": {}}
+    labels = torch.tensor(test_labels)
+    for name in ("cue", "shuffled"):
+        out = predict(model, paths[name], spec.to_dict(), spec.crop_pct, r.train.batch_size, run.device)
+        acc[name]["student"] = (out["logits"].argmax(1) == labels).float().mean().item()
+        t_logits = head(caches[name].get(np.arange(len(paths[name]))))
+        acc[name]["teacher"] = (t_logits.argmax(1) == labels).float().mean().item()
+    markdown = (f"## Spurious-feature probe ({r.eval.spurious})\n\nA student distilled on training images carrying a "
+                "class-coloured cue, tested with the cue on the true class and on a shuffled one; the teacher is "
+                "unchanged. Accuracy in %.\n\n" + robustness.spurious_report(acc["cue"], acc["shuffled"]))
+    return {**robustness.spurious_summary(acc["cue"], acc["shuffled"]), "markdown": markdown}
 
 
 def combine_seeds(run: Run, results: list[dict]) -> dict:
@@ -607,6 +710,9 @@ def load_run_teacher(run_dir, device: str = "cpu") -> Teacher:
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
     teacher = build_teacher(recipe.teacher).to(device)
-    teacher.head = torch.load(run_dir / "probe" / "head.pt", map_location=device, weights_only=False).eval()
+    head = run_dir / "probe" / "head.pt"
+    if not head.exists():  # a sweep point: the head lives in the sweep's shared folder
+        head = run_dir.parent.parent / "probe" / "head.pt"
+    teacher.head = torch.load(head, map_location=device, weights_only=False).eval()
     teacher.class_names = read_json(run_dir / "split.json")["classes"]
     return teacher

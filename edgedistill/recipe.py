@@ -138,6 +138,8 @@ class EvalCfg:
     corruptions: tuple[str, ...] = ()   # names in robustness.CORRUPTIONS, or "default" / "all"; (): none
     severities: tuple[int, ...] = (1, 3, 5)
     corruption_images: int = 100        # held-out images (stratified prefix) used for the corruption report
+    spurious: str = ""                  # "", patch or background: P4's spurious-cue probe (trains one more student)
+    synthetic_holdout: float = 0.1      # share of kept synthetic images held out for the synthetic-to-real gap
     zero_shot: bool = False             # student scored through the teacher's text embeddings (CLIP-aligned)
 
 
@@ -331,6 +333,7 @@ CHOICES = {
     "train.schedule": ("cosine", "constant"),
     "train.teacher": ("cached", "online"),
     "synthetic.mix": ("", "inter", "intra"),
+    "eval.spurious": ("", "patch", "background"),
     "synthetic.dtype": ("auto", "float32", "float16", "bfloat16"),
 }
 

@@ -183,7 +183,8 @@ def collect_rows(run_dir, point: dict) -> list[dict]:
         top1 = top1["mean"]
     bench_path = run_dir / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.exists() else [{}]
-    return [{**b, "point": dict(point), "run_dir": str(run_dir), "top1": b.get("top1", top1)} for b in bench]
+    return [{**b, "point": dict(point), "run_dir": str(run_dir), "top1": top1 if b.get("top1") is None else b["top1"]}
+            for b in bench]
 
 
 def run_sweep(name, overrides, out=None) -> list[dict]:
@@ -205,6 +206,11 @@ def run_sweep(name, overrides, out=None) -> list[dict]:
     # 1. Expand the grid and validate every point before any work starts.
     overrides = list(overrides)
     points, keys = expand_grid(overrides), varying_keys(overrides)
+    first = load_recipe(name, points[0])
+    # Every point is exported and benchmarked, so latency sits beside accuracy even for recipes without those sections.
+    extra = ([] if first.export is not None else ["export.formats=[onnx]"]) + \
+        ([] if first.bench is not None else ["bench.iters=30"])
+    points = [p + extra for p in points]
     recipes = [load_recipe(name, p) for p in points]
     out = Path(out) if out else Path("runs") / f"{recipes[0].name}-sweep"
 
