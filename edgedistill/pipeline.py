@@ -93,6 +93,7 @@ def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dic
     run = Run(out, recipe, shared_dir)
     distributed.init_from_env(run.device)
     validate_for_run(recipe)
+    preflight_weights(run)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
@@ -150,6 +151,26 @@ def validate_for_run(recipe: Recipe):
                           "probed head (linear or mlp)")
     if recipe.eval.zero_shot and recipe.teacher.head != "zeroshot":
         raise RecipeError("Recipe key 'eval.zero_shot' needs 'teacher.head: zeroshot' (class text embeddings)")
+
+
+def preflight_weights(run: Run):
+    """Load hub weights before any data work, so a missing download is what gets reported, all at once."""
+    from .students import create_backbone
+    from .teachers import WeightsUnavailable
+
+    problems = []
+    if not (run.shared / "stages" / "features.json").exists():
+        try:
+            run.teacher()
+        except WeightsUnavailable as e:
+            problems.append(str(e))
+    if run.recipe.student.pretrained and not (run.dir / "stages" / "distill.json").exists():
+        try:
+            create_backbone(run.recipe.student)
+        except WeightsUnavailable as e:
+            problems.append(str(e))
+    if problems:
+        raise WeightsUnavailable("\n  ".join(problems))
 
 
 def with_seed(run: Run, k: int) -> Run:

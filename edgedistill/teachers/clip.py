@@ -56,8 +56,7 @@ def clip_teacher(cfg) -> ClipTeacher:
     except Exception as e:  # hub errors come in many types; the user needs one sentence
         raise WeightsUnavailable(
             f"Teacher 'clip' needs the open_clip weights {arch}/{tag}: they download on first use with internet "
-            f"and are cached under ~/.cache/huggingface/hub (HF_HOME); loading failed with: {type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
+            f"and are cached under ~/.cache/huggingface/hub (HF_HOME) (loading failed: {type(e).__name__}).") from e
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     info = TeacherInfo(name="clip", arch=arch, feature_dim=model.text_projection.shape[1]

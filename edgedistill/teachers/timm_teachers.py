@@ -24,11 +24,11 @@ def create_timm(name: str, pretrained: bool, what: str, **kwargs):
             raise
         raise WeightsUnavailable(
             f"{what} needs the timm weights {name!r}: they download on first use with internet and are cached "
-            f"under ~/.cache/huggingface/hub (HF_HOME); loading failed with: {str(e).splitlines()[0][:200]}") from e
+            f"under ~/.cache/huggingface/hub (HF_HOME) (loading failed: {type(e).__name__}).") from e
     except (OSError, ValueError, ImportError) as e:
         raise WeightsUnavailable(
             f"{what} needs the timm weights {name!r}: they download on first use with internet and are cached "
-            f"under ~/.cache/huggingface/hub (HF_HOME); loading failed with: {type(e).__name__}") from e
+            f"under ~/.cache/huggingface/hub (HF_HOME) (loading failed: {type(e).__name__}).") from e
 
 
 class TimmTeacher(Teacher):
