@@ -143,12 +143,13 @@ def main(argv=None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from .export import ExportError
     from .recipe import RecipeError
     from .teachers import WeightsUnavailable
 
     try:
         return args.fn(args) or 0
-    except (RecipeError, WeightsUnavailable, FileNotFoundError, ImportError) as e:
+    except (RecipeError, WeightsUnavailable, ExportError, FileNotFoundError, ImportError) as e:
         print(f"edgedistill: error: {e}", file=sys.stderr)
         return 2
 

@@ -356,7 +356,7 @@ def compare_scores(ref: np.ndarray, out: np.ndarray) -> dict:
         raise BundleError(f"Output shape {out.shape} differs from the reference {ref.shape}")
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
     cosine = (ref * out).sum(1) / np.maximum(norms, 1e-12)
-    return {"images": int(len(ref)), "top1_agreement": float((ref.argmax(1) == out.argmax(1)).mean()),
+    return {"images": len(ref), "top1_agreement": float((ref.argmax(1) == out.argmax(1)).mean()),
             "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
             "max_abs_error": float(np.abs(ref - out).max()), "mean_abs_error": float(np.abs(ref - out).mean())}
 
@@ -377,7 +377,7 @@ def latency_stats(times_ms: list, batch: int) -> dict:
     t = np.asarray(times_ms)
     p50, p90, p99 = (float(v) for v in np.percentile(t, [50, 90, 99]))
     return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(t.mean()),
-            "throughput_ips": batch * 1e3 / p50, "iters": int(len(t))}
+            "throughput_ips": batch * 1e3 / p50, "iters": len(t)}
 
 
 def bench_bundle(bundle: Bundle, batch: int, warmup: int, iters: int) -> dict:

@@ -1,0 +1,288 @@
+"""Latency and throughput of a run's student (PyTorch eager, ``torch.compile``) and of its exported bundles.
+
+Bundles are timed through ``export/run.py``'s ``load_bundle``, the very code a target runs. Backends are timed in
+interleaved rounds, so a burst of load from another process on a shared machine hits all of them alike.
+Writes ``RUN/bench.json`` (a list of rows), ``RUN/bench.md`` and ``RUN/bench.png`` (accuracy against latency).
+"""
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .utils import read_json, write_json
+
+log = logging.getLogger(__name__)
+BACKENDS = ("pytorch", "torch-compile", "onnxruntime", "openvino", "tensorrt")
+
+
+@dataclass(eq=False)
+class Target:
+    """Something to time: ``make(batch)`` returns a no-argument call running one batch."""
+
+    backend: str
+    precision: str
+    make: object
+    top1: float | None = None
+    bundle: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What to time
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "student" / "model.pt").is_file()
+
+
+def output_dir(path: Path) -> Path:
+    """Where results go: the run folder for a run or one of its bundles, else the bundle folder itself."""
+    if path.name and path.parent.name == "export" and is_run_dir(path.parent.parent):
+        return path.parent.parent
+    return path
+
+
+def run_targets(run_dir: Path, threads: int, backends) -> list:
+    bundles = sorted(p.parent for p in (run_dir / "export").glob("*/manifest.json"))
+    manifests = [read_json(b / "manifest.json") for b in bundles]
+    top1 = next((m["accuracy"]["pytorch_top1"] for m in manifests if (m.get("accuracy") or {}).get("pytorch_top1")
+                 is not None), None)
+    if top1 is None and (run_dir / "metrics.json").is_file():
+        top1 = (read_json(run_dir / "metrics.json").get("student") or {}).get("top1")
+        top1 = top1 / 100 if top1 is not None and top1 > 1 else top1  # metrics.json records percent
+    targets = []
+    if {"pytorch", "torch-compile"} & set(backends):
+        targets += torch_targets(run_dir, top1, backends)
+    return targets + [t for b in bundles if (t := bundle_target(b, threads, backends))]
+
+
+def torch_targets(run_dir: Path, top1, backends) -> list:
+    import torch
+
+    from .students import LogitsOnly, load_student
+
+    student, blob = load_student(run_dir)
+    model, size = LogitsOnly(student).eval(), int(blob["input"]["size"])
+
+    def eager(batch):
+        x = torch.randn(batch, 3, size, size)
+        return lambda: torch_call(model, x)
+
+    def compiled(batch):
+        x, fn = torch.randn(batch, 3, size, size), torch.compile(model)
+        torch_call(fn, x)  # compile now: failures surface here, not inside the timing loop
+        return lambda: torch_call(fn, x)
+
+    pairs = (("pytorch", eager), ("torch-compile", compiled))
+    return [Target(name, "fp32", make, top1) for name, make in pairs if name in backends]
+
+
+def torch_call(fn, x):
+    import torch
+
+    with torch.inference_mode():
+        return fn(x)
+
+
+def bundle_target(folder: Path, threads: int, backends) -> Target | None:
+    from .target.run import load_bundle, read_manifest
+
+    manifest = read_manifest(folder)
+    if manifest["runtime"]["name"] not in backends:
+        return None
+    try:
+        bundle = load_bundle(folder, threads=threads)
+    except ImportError as e:
+        log.warning("Skipping %s: %s", folder, e)
+        return None
+    size = int(bundle.spec["size"])
+
+    def make(batch):
+        x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+        return lambda: bundle.predict(x)
+
+    return Target(manifest["runtime"]["name"], manifest["precision"], make,
+                  (manifest.get("accuracy") or {}).get("top1"), str(folder))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def measure_interleaved(calls: dict, warmup: int, iters: int, rounds: int = 5) -> dict:
+    """Milliseconds per call for each entry of ``calls``, as a list of rounds; the entries take turns each round."""
+    from .target.run import time_calls
+
+    rounds = max(1, min(rounds, iters))
+    samples = {key: [] for key in calls}
+    for r in range(rounds):
+        n = iters // rounds + (1 if r < iters % rounds else 0)
+        for key, fn in calls.items():
+            samples[key].append(time_calls(fn, warmup if r == 0 else min(2, warmup), n))
+    return samples
+
+
+def prepare_calls(targets: list, batches) -> tuple[dict, dict]:
+    """(target, batch) -> call, skipping those that fail to build (``torch.compile`` without a compiler...)."""
+    calls, skipped = {}, {}
+    for t in targets:
+        for b in batches:
+            try:
+                calls[(t, b)] = t.make(b)
+            except Exception as e:  # noqa: BLE001 - any backend failure means "not available here", stated below
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                skipped[(t.backend, t.precision)] = reason
+                log.warning("%s %s does not work here, skipped (%s)", t.backend, t.precision, reason)
+                break
+    return calls, skipped
+
+
+def host_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "os": platform.platform(), "gpu": None}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def rows_for(samples: dict, threads: int, warmup: int) -> list:
+    from .export.bundle import library_versions
+    from .target.run import latency_stats
+
+    host, versions = host_info(), library_versions()
+    rows = []
+    for (t, batch), rounds in samples.items():
+        flat = [ms for r in rounds for ms in r]
+        rows.append({"backend": t.backend, "precision": t.precision, "batch": batch, **latency_stats(flat, batch),
+                     "round_p50_ms": [float(np.median(r)) for r in rounds], "warmup": warmup, "threads": threads,
+                     "top1": t.top1, "bundle": t.bundle, "host": host, "versions": versions})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def markdown(rows: list, skipped: dict) -> str:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    host = rows[0]["host"] if rows else host_info()
+    lines = [f"Host: {host['cpu']}, {host['cpu_count']} CPUs, GPU: {host['gpu'] or 'none'}", "",
+             "| backend | precision | batch | p50 ms | p90 ms | p99 ms | images/s | top-1 % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {r['throughput_ips']:.1f} | {pct(r['top1'])} |")
+    lines += [f"\n{backend} {precision}: not measured ({reason})" for (backend, precision), reason in skipped.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list, path: Path):
+    """Top-1 against p50 latency at the smallest batch, one labelled point per backend and precision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = min((r["batch"] for r in rows), default=1)
+    points = [r for r in rows if r["batch"] == batch and r["top1"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in points:
+        ax.scatter(r["p50_ms"], 100 * r["top1"])
+        ax.annotate(f"{r['backend']} {r['precision']}", (r["p50_ms"], 100 * r["top1"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    if not points:
+        ax.text(0.5, 0.5, "no accuracy recorded (export the run to measure it)", ha="center", transform=ax.transAxes)
+    ax.set_xlabel(f"p50 latency at batch {batch} (ms)")
+    ax.set_ylabel("top-1 accuracy on held-out images (%)")
+    ax.set_title("Accuracy against latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_reports(out: Path, rows: list, skipped: dict):
+    write_json(out / "bench.json", rows)
+    (out / "bench.md").write_text(markdown(rows, skipped))
+    plot(rows, out / "bench.png")
+    log.info("Benchmark of %s:\n%s", out, markdown(rows, skipped))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def check_backends(backends) -> tuple:
+    from .recipe import RecipeError
+
+    backends = tuple(backends or BACKENDS)
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise RecipeError(f"Unknown benchmark backend(s) {unknown}; choose from {list(BACKENDS)}")
+    return backends
+
+
+def group_targets(paths, threads: int, backends) -> dict:
+    """Output folder -> targets, each bundle once even when named both directly and through its run."""
+    groups, seen = {}, set()
+    for path in map(Path, paths):
+        if is_run_dir(path):
+            targets = run_targets(path, threads, backends)
+        elif (path / "manifest.json").is_file():
+            targets = [t for t in [bundle_target(path, threads, backends)] if t]
+        else:
+            raise FileNotFoundError(f"{path} is neither a run folder (student/model.pt) nor a bundle (manifest.json)")
+        fresh = [t for t in targets if t.bundle is None or t.bundle not in seen]
+        seen.update(t.bundle for t in fresh if t.bundle)
+        groups.setdefault(output_dir(path), []).extend(fresh)
+    return groups
+
+
+def bench_paths(paths, batches=(1,), threads: int = 0, warmup: int = 10, iters: int = 50, backends=(),
+                rounds: int = 5) -> list:
+    """Time every backend of each run or bundle in ``paths``; returns all rows and writes the reports.
+
+    Args:
+        paths: run folders and/or bundle folders.
+        batches: batch sizes to time.
+        threads: CPU threads for every backend (0: each runtime's default).
+        warmup: untimed calls before timing each (target, batch).
+        iters: timed calls per (target, batch), spread over ``rounds`` interleaved rounds.
+        backends: names from ``BACKENDS`` to time; empty: all that are present.
+    """
+    import torch
+
+    backends = check_backends(backends)
+    default_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        all_rows = []
+        for out, targets in group_targets(paths, threads, backends).items():
+            calls, skipped = prepare_calls(targets, [int(b) for b in batches])
+            rows = rows_for(measure_interleaved(calls, warmup, iters, rounds), threads, warmup)
+            write_reports(out, rows, skipped)
+            all_rows += rows
+        return all_rows
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def bench_run(run_dir, cfg) -> list:
+    """What ``recipe run`` calls when the recipe has a ``bench`` section (a ``recipe.BenchCfg``)."""
+    return bench_paths([run_dir], batches=cfg.batch, threads=cfg.threads, warmup=cfg.warmup, iters=cfg.iters,
+                       backends=cfg.backends)

@@ -1,0 +1,204 @@
+"""Export a trained student to deployable bundles, each checked against PyTorch before it is kept.
+
+One table (``FORMATS``) drives the command line, the recipe validation and the docs. Every bundle lands in
+``RUN/export/<format>-<precision>/`` with a ``manifest.json`` (preprocessing, classes, versions, sha256, parity,
+accuracy, licences) and runs on a target with ``export/run.py`` alone.
+
+Nothing heavy is imported here: each backend module imports its library inside the function that needs it.
+"""
+import importlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    precisions: tuple
+    extra: str          # pip extra that installs the exporter
+    runtime: str        # what runs the bundle on the target
+    model_file: str
+    description: str
+
+
+FORMATS = {f.name: f for f in (
+    ExportFormat("onnx", ("fp32", "int8"), "onnx", "onnxruntime", "model.onnx",
+                 "ONNX (opset >= 17, static or dynamic batch); INT8 is ONNX Runtime static QDQ quantization"),
+    ExportFormat("openvino", ("fp32", "fp16", "int8"), "openvino", "openvino", "model.xml",
+                 "OpenVINO IR; FP16 compresses the weights; INT8 is NNCF post-training quantization"),
+    ExportFormat("tensorrt", ("fp32", "fp16", "int8"), "tensorrt", "tensorrt", "model.engine",
+                 "TensorRT engine, built on the target GPU (Python API, or trtexec); INT8 entropy calibration"),
+)}
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class ExportError(RuntimeError):
+    """An export failed, most often its parity check: the artifact disagrees with the PyTorch student."""
+
+
+def supported_pairs() -> str:
+    return "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS.values())
+
+
+def formats_markdown() -> str:
+    """The format table as markdown, for the docs."""
+    rows = [f"| `{f.name}` | {', '.join(f.precisions)} | `{f.runtime}` | `pip install 'edgedistill[{f.extra}]'` | "
+            f"{f.description} |" for f in FORMATS.values()]
+    return "\n".join(["| format | precisions | target runtime | install | notes |", "|---|---|---|---|---|", *rows])
+
+
+def check_export_request(formats, precisions):
+    """Every format is known and supports every requested precision; raises RecipeError naming the valid pairs."""
+    import difflib
+
+    from ..recipe import RecipeError
+
+    if not formats or not precisions:
+        raise RecipeError(f"Export needs at least one format and one precision. Supported: {supported_pairs()}")
+    for name in formats:
+        if name not in FORMATS:
+            close = difflib.get_close_matches(name, FORMATS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"Unknown export format {name!r}.{hint} Supported: {supported_pairs()}")
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise RecipeError(f"Unknown precision {precision!r}; choose from {list(PRECISIONS)}")
+    bad = [f"{n}-{p}" for n in formats for p in precisions if p not in FORMATS[n].precisions]
+    if bad:
+        raise RecipeError(f"Unsupported format/precision pair(s) {bad}. Supported: {supported_pairs()}")
+
+
+def backend(name: str):
+    """The module that exports format ``name`` (``edgedistill.export.<name>``)."""
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def resolve_cfg(run_dir: Path, formats, precisions, cfg):
+    """The ExportCfg to use: explicit formats/precisions override ``cfg``, then the run's recipe, then onnx-fp32."""
+    from dataclasses import replace
+
+    from ..recipe import ExportCfg
+
+    if cfg is None:
+        cfg = recipe_export_cfg(run_dir) or ExportCfg()
+    if formats:
+        cfg = replace(cfg, formats=tuple(formats))
+    if precisions:
+        cfg = replace(cfg, precision=tuple(precisions))
+    check_export_request(cfg.formats, cfg.precision)
+    return cfg
+
+
+def recipe_export_cfg(run_dir: Path):
+    import yaml
+
+    from ..recipe import ExportCfg, build
+
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return None
+    section = (yaml.safe_load(path.read_text()) or {}).get("export")
+    return build(ExportCfg, section, "export") if section else None
+
+
+def check_backends(cfg) -> list:
+    """Formats that can run here; missing Python packages fail all at once, a missing TensorRT/GPU is skipped."""
+    from ..utils import require
+
+    missing, usable = [], []
+    for name in cfg.formats:
+        reason = backend(name).unavailable()
+        if reason and FORMATS[name].extra == "tensorrt":
+            log.warning(reason)
+            continue
+        if reason:
+            missing.append(reason)
+        usable.append(name)
+    if "int8" in cfg.precision and "onnx" in usable:
+        try:
+            require("onnxruntime.quantization", "onnx")
+        except ImportError as e:
+            missing.append(str(e))
+    if missing:
+        raise ImportError(" ".join(missing))
+    return usable
+
+
+def export_run(run_dir, formats=None, precisions=None, cfg=None) -> list:
+    """Export a run's student to every requested format and precision, gated on parity with PyTorch.
+
+    Args:
+        run_dir: a run folder (``RUN/student/model.pt``, ``RUN/split.json``).
+        formats: e.g. ``["onnx", "openvino"]``; None: ``cfg``'s, else the recipe's export section, else onnx.
+        precisions: e.g. ``["fp32", "int8"]``; None as for ``formats``.
+        cfg: an ``ExportCfg`` (thresholds, opset, calibration and parity image counts).
+
+    Returns:
+        The bundle folders written. Raises ExportError after trying every pair when any failed its parity check.
+    """
+    from .bundle import ExportJob, summary_table
+
+    # 1. Validate the request and the backends before any work.
+    run_dir = Path(run_dir)
+    cfg = resolve_cfg(run_dir, formats, precisions, cfg)
+    usable = check_backends(cfg)
+    if not usable:
+        return []
+    # 2. Load the student, the parity images and PyTorch's scores on them once for every artifact.
+    job = ExportJob.create(run_dir, cfg)
+    if "tensorrt" in cfg.formats and "int8" in cfg.precision:
+        job.save_calibration()  # for INT8 engines built on the device
+    # 3. Export, check and write each bundle; FP32 first so lower precisions are compared with it.
+    results = [export_one(job, name, p) for name in usable for p in sorted(cfg.precision, key=PRECISIONS.index)
+               if p in FORMATS[name].precisions]
+    log.info("Export summary for %s:\n%s", run_dir, summary_table(results))
+    (job.out_root / "summary.md").write_text(summary_table(results) + "\n")
+    shutil.rmtree(job.out_root / ".work", ignore_errors=True)
+    failed = [r for r in results if not r["parity"]["passed"]]
+    if failed:
+        raise ExportError("Parity check failed, these artifacts disagree with the PyTorch student: "
+                          + "; ".join(failure_line(r) for r in failed) + f". Manifests and summary.md are in "
+                          f"{job.out_root}; the thresholds are the recipe keys export.min_agreement and "
+                          f"export.min_agreement_int8.")
+    return [r["path"] for r in results]
+
+
+def failure_line(result: dict) -> str:
+    p, a = result["parity"], result["accuracy"]
+    line = f"{result['name']}: top-1 agreement {p['top1_agreement']:.3f} < {p['threshold']}"
+    if a["top1"] is not None and a["fp32_top1"] is not None:
+        line += f" (accuracy {100 * a['top1']:.1f}% vs FP32 {100 * a['fp32_top1']:.1f}%)"
+    return line
+
+
+def export_one(job, name: str, precision: str) -> dict:
+    """Build one bundle, walking the backend's attempts (e.g. INT8 with some layers in float) until one passes.
+
+    When none passes, the attempt that agreed best with PyTorch is kept, its manifest marked as failed.
+    """
+    from .bundle import finish_bundle, start_bundle
+    from .parity import evaluate_artifact
+
+    fmt, module = FORMATS[name], backend(name)
+    tried = []  # (folder, attempt, outcome)
+    for i, attempt in enumerate(module.attempts(precision)):
+        folder = job.out_root / f".{name}-{precision}.try{i}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        start_bundle(job, folder, fmt, precision, module.export_bundle(job, folder, precision, **attempt))
+        outcome = evaluate_artifact(job, folder, precision)
+        tried.append((folder, attempt, outcome))
+        if outcome["parity"]["passed"]:
+            break
+        log.warning("%s-%s %s: top-1 agreement %.3f is below %.3f", name, precision, attempt or "",
+                    outcome["parity"]["top1_agreement"], outcome["parity"]["threshold"])
+    best = max(tried, key=lambda t: (t[2]["parity"]["passed"], t[2]["parity"]["top1_agreement"]))
+    for folder, _, _ in tried:
+        if folder != best[0]:
+            shutil.rmtree(folder)
+    attempts = [{**a, "top1_agreement": o["parity"]["top1_agreement"]} for _, a, o in tried]
+    return finish_bundle(job, best[0], {**best[2], "attempts": attempts})

@@ -1,0 +1,181 @@
+"""Bundles: the inputs an export job shares across formats, and ``manifest.json`` with sha256, versions, licences.
+
+A bundle is ``RUN/export/<format>-<precision>/``: the artifact files, ``reference.npz`` (a few preprocessed
+held-out images with PyTorch's scores on them) and ``manifest.json``, which holds everything a target needs to
+feed the model exactly what the PyTorch student saw and to tell whether the files were altered since.
+"""
+import datetime
+import importlib.metadata
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..utils import read_json, sha256_file, write_json
+from .images import read_split, to_inputs
+from .parity import ParitySet, parity_set, store_reference
+
+VERSIONED = ("edgedistill", "numpy", "pillow", "torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt")
+
+
+@dataclass
+class ExportJob:
+    """One export of one run: the student, its preprocessing and the images every format is checked on."""
+
+    run_dir: Path
+    cfg: object                 # recipe.ExportCfg
+    model: object               # students.LogitsOnly, eval mode
+    blob: dict                  # what load_student returned besides the model
+    split: dict
+    parity: ParitySet
+    fp32_top1: dict = field(default_factory=dict)   # format -> its FP32 artifact's accuracy, for the report
+    _calibration: tuple | None = None
+    _onnx: Path | None = None
+
+    @classmethod
+    def create(cls, run_dir: Path, cfg) -> "ExportJob":
+        from ..students import LogitsOnly, load_student
+
+        student, blob = load_student(run_dir)
+        model = LogitsOnly(student).eval()
+        split = read_split(run_dir)
+        return cls(run_dir, cfg, model, blob, split, parity_set(run_dir, split, blob["input"], cfg.parity_images,
+                                                               model))
+
+    @property
+    def spec(self) -> dict:
+        return dict(self.blob["input"])
+
+    @property
+    def out_root(self) -> Path:
+        return self.run_dir / "export"
+
+    def calibration_pixels(self) -> tuple[np.ndarray, dict]:
+        """INT8 calibration pixels (uint8 NHWC, loaded once per job) and where they came from."""
+        from .quantize import calibration_set
+
+        if self._calibration is None:
+            self._calibration = calibration_set(self.run_dir, self.split, self.spec, self.cfg.calibration_images)
+        return self._calibration
+
+    def calibration(self) -> tuple[np.ndarray, dict]:
+        """INT8 calibration inputs (float32 NCHW) and where they came from."""
+        pixels, info = self.calibration_pixels()
+        return to_inputs(pixels, self.spec), info
+
+    def save_calibration(self) -> Path:
+        """``RUN/export/calibration.npz``: the calibration pixels, for ``export/build_engine.py --calib``."""
+        path = self.out_root / "calibration.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, pixels=self.calibration_pixels()[0])
+        return path
+
+    def onnx_fp32(self) -> Path:
+        """The FP32 ONNX graph every format starts from, exported once per job."""
+        from .onnx import export_onnx
+
+        if self._onnx is None:
+            path = self.out_root / ".work" / "model.onnx"
+            self._onnx = export_onnx(self.model, path, int(self.spec["size"]), self.cfg.opset, self.cfg.dynamic_batch,
+                                     self.cfg.simplify)
+        return self._onnx
+
+
+def output_meaning(student) -> dict:
+    if student.classifier is not None:
+        return {"kind": "logits", "meaning": "class logits from the classifier head; softmax gives probabilities"}
+    if student.zero_shot is not None:
+        return {"kind": "zero_shot_scores", "meaning": "zero-shot class scores: scale x cosine similarity between "
+                "the image embedding and each class's text embedding (baked into the graph); softmax gives "
+                "probabilities", "scale": float(student.zero_shot.scale)}
+    return {"kind": "embedding", "meaning": "image embedding in the teacher's feature space (no class head)"}
+
+
+def preprocess_record(spec: dict) -> dict:
+    """``spec`` as ``run.preprocess`` takes it, plus the same steps in words for people porting it."""
+    size = int(spec["size"])
+    return {**spec, "channel_order": "RGB", "layout": "NCHW", "scale": 1 / 255,
+            "steps": ["decode to 8-bit RGB (alpha composited on white)",
+                      f"centre square crop of crop_pct={spec.get('crop_pct', 1.0)} x the shorter side",
+                      f"resize to {size}x{size} with PIL {spec.get('interpolation', 'bicubic')}",
+                      "divide by 255, subtract mean, divide by std (per RGB channel)", "HWC -> CHW, add batch"]}
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for dist in VERSIONED:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def licences(blob: dict) -> dict:
+    """The teacher's and generator's weights and licences, carried forward from the run into every artifact."""
+    extra = blob.get("extra") or {}
+    student = blob.get("recipe", {}).get("student", {})
+    return {"teacher": extra.get("teacher"), "generator": extra.get("generator"),
+            "student_init": student.get("weights") or ("timm pretrained" if student.get("pretrained") else "random")}
+
+
+def start_bundle(job: ExportJob, folder: Path, fmt, precision: str, info: dict):
+    """Write the manifest for freshly exported files (parity still to come) so the target runtime can open them."""
+    classes = list(job.blob["class_names"])
+    batch = None if job.cfg.dynamic_batch else 1
+    size = int(job.spec["size"])
+    files = [*info["files"], store_reference(folder, job.parity)]
+    manifest = {
+        "format": fmt.name, "precision": precision, "model_file": fmt.model_file,
+        "runtime": info["runtime"],
+        "input": {"name": "input", "dtype": "float32", "layout": "NCHW", "shape": [batch or "batch", 3, size, size],
+                  "batch": batch},
+        "preprocess": preprocess_record(job.spec),
+        "output": {"name": "scores", "shape": [batch or "batch", len(classes)], **output_meaning(job.model.student)},
+        "class_names": classes,
+        "opset": info.get("opset"),
+        "quantization": info.get("quantization"),
+        "versions": library_versions(),
+        "licences": licences(job.blob),
+        "source": {"run": str(job.run_dir.resolve()), "student": job.blob.get("recipe", {}).get("student", {}),
+                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+        "files": {name: sha256_file(folder / name) for name in files},
+    }
+    write_json(folder / "manifest.json", manifest)
+
+
+def finish_bundle(job: ExportJob, folder: Path, outcome: dict) -> dict:
+    """Record parity and accuracy, then move the bundle into place (replacing an older one)."""
+    manifest = read_json(folder / "manifest.json")
+    name = f"{manifest['format']}-{manifest['precision']}"
+    accuracy = outcome["accuracy"]
+    if manifest["precision"] == "fp32":
+        job.fp32_top1[manifest["format"]] = accuracy["top1"]
+    fp32 = job.fp32_top1.get(manifest["format"], accuracy["pytorch_top1"])
+    accuracy["fp32_top1"] = fp32
+    accuracy["delta_vs_fp32"] = None if fp32 is None or accuracy["top1"] is None else accuracy["top1"] - fp32
+    manifest.update(parity=outcome["parity"], accuracy=accuracy)
+    if manifest.get("quantization"):
+        manifest["quantization"]["attempts"] = outcome["attempts"]
+    write_json(folder / "manifest.json", manifest)
+    final = job.out_root / name
+    shutil.rmtree(final, ignore_errors=True)
+    folder.rename(final)
+    return {"name": name, "path": final, "parity": manifest["parity"], "accuracy": accuracy}
+
+
+def summary_table(results: list) -> str:
+    """Markdown: agreement, cosine, max-abs error and accuracy of each artifact beside FP32's."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    rows = ["| artifact | top-1 agreement | min cosine | max abs err | top-1 % | FP32 top-1 % | parity |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        p, a = r["parity"], r["accuracy"]
+        rows.append(f"| {r['name']} | {p['top1_agreement']:.3f} (>= {p['threshold']}) | {p['cosine_min']:.4f} | "
+                    f"{p['max_abs_error']:.3g} | {pct(a['top1'])} | {pct(a['fp32_top1'])} | "
+                    f"{'pass' if p['passed'] else 'FAIL'} |")
+    return "\n".join(rows)

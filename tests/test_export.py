@@ -1,0 +1,265 @@
+"""Export: the format table, the parity gate, bundles and manifests, on tiny students trained in seconds."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from edgedistill.target.run import BundleError, load_bundle, preprocess
+from PIL import Image
+
+from edgedistill import cli
+from edgedistill.recipe import ExportCfg, Recipe, RecipeError, build, dump_recipe
+from edgedistill.students import build_student, save_student
+from edgedistill.teachers import InputSpec
+
+pytest.importorskip("onnx", reason="export tests need onnx (pip install 'edgedistill[onnx]')")
+pytest.importorskip("onnxruntime", reason="export tests need onnxruntime (pip install 'edgedistill[onnx]')")
+
+CLASSES = ["red", "green", "blue"]
+SPEC = InputSpec(size=48, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear", crop_pct=0.9)
+
+
+def colour_images(folder: Path, per_class: int, seed: int) -> list:
+    """Images of three classes told apart by their dominant colour, in several sizes and PIL modes."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for label in range(len(CLASSES)):
+        for i in range(per_class):
+            h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+            pixels = rng.integers(0, 110, (h, w, 3))
+            pixels[..., label] += 140
+            img = Image.fromarray(pixels.astype(np.uint8))
+            img = img.convert("RGBA") if i % 5 == 0 else img
+            path = folder / CLASSES[label] / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(path)
+            items.append([str(path), label])
+    return items
+
+
+def fit_head(student, items):
+    """Least-squares fit of the head on frozen random-backbone features, so logits have real margins."""
+    x = torch.from_numpy(np.stack([preprocess(Image.open(p), SPEC.to_dict()) for p, _ in items]))
+    y = torch.tensor([label for _, label in items])
+    with torch.no_grad():
+        features = student.eval().backbone(x)
+        f = torch.cat([features, torch.ones(len(features), 1)], 1)
+        head = student.classifier if student.classifier is not None else student.proj
+        target = 8.0 * torch.eye(len(CLASSES))[y] if student.classifier is not None else student.zero_shot.text[y]
+        solution = torch.linalg.lstsq(f, target).solution.T
+        head.weight.copy_(solution[:, :-1])
+        head.bias.copy_(solution[:, -1])
+    return student
+
+
+def make_run(root: Path, zero_shot: bool = False, student: str = "test_efficientnet") -> Path:
+    """A run folder as the pipeline writes it: recipe.yaml, split.json, student/model.pt, metrics.json."""
+    torch.manual_seed(0)
+    train, test = colour_images(root / "data" / "train", 16, 0), colour_images(root / "data" / "test", 10, 1)
+    raw = {"name": "tiny", "student": {"name": student}, "data": {"image_size": SPEC.size},
+           "loss": {"feature_l2": 1.0} if zero_shot else {"ce": 1.0}, "eval": {"zero_shot": zero_shot}}
+    recipe = build(Recipe, raw, "")
+    text = torch.nn.functional.normalize(torch.randn(len(CLASSES), 16), dim=-1) if zero_shot else None
+    model = fit_head(build_student(recipe, len(CLASSES), 16, text), train)
+    run = root / "run"
+    extra = {"teacher": {"name": "tiny", "arch": "test", "weights": "random", "licence": "none (random weights)"}}
+    save_student(run / "student" / "model.pt", model, recipe, CLASSES, SPEC, extra)
+    (run / "recipe.yaml").write_text(dump_recipe(recipe))
+    (run / "split.json").write_text(json.dumps({"classes": CLASSES, "train": train, "val": [], "test": test,
+                                                "skipped": []}))
+    (run / "metrics.json").write_text(json.dumps({"student": {"top1": 1.0}}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir):
+    """The acceptance flow on a tiny student: onnx + openvino at fp32 + int8 through the CLI."""
+    pytest.importorskip("openvino", reason="needs openvino (pip install 'edgedistill[openvino]')")
+    pytest.importorskip("nncf", reason="needs nncf (pip install 'edgedistill[openvino]')")
+    code = cli.main(["export", str(run_dir), "--formats", "onnx,openvino", "--precision", "fp32,int8"])
+    assert code == 0
+    return run_dir / "export"
+
+
+def test_four_bundles_pass_parity_with_full_manifests(exported):
+    names = sorted(p.parent.name for p in exported.glob("*/manifest.json"))
+    assert names == ["onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"]
+    for name in names:
+        m = json.loads((exported / name / "manifest.json").read_text())
+        assert m["parity"]["passed"] and m["parity"]["images"] == 30
+        assert m["parity"]["top1_agreement"] >= (0.97 if name.endswith("int8") else 0.995)
+        assert "split test" in m["parity"]["source"]
+        assert m["class_names"] == CLASSES and m["output"]["kind"] == "logits"
+        assert m["preprocess"]["mean"] == [0.5] * 3 and m["preprocess"]["crop_pct"] == 0.9
+        assert m["preprocess"]["channel_order"] == "RGB" and m["opset"] >= 17
+        assert m["licences"]["teacher"]["licence"] == "none (random weights)"
+        assert set(m["files"]) >= {m["model_file"], "reference.npz"}
+        assert m["accuracy"]["top1"] is not None and m["accuracy"]["fp32_top1"] is not None
+        assert "onnxruntime" in m["versions"] and "torch" in m["versions"]
+
+
+def test_fp32_matches_pytorch_closely(exported):
+    for name in ("onnx-fp32", "openvino-fp32"):
+        parity = json.loads((exported / name / "manifest.json").read_text())["parity"]
+        assert parity["top1_agreement"] == 1.0
+        assert parity["cosine_min"] > 0.9999 and parity["max_abs_error"] < 1e-3
+
+
+def test_int8_is_really_quantized(exported):
+    m = json.loads((exported / "onnx-int8" / "manifest.json").read_text())
+    assert m["quantization"]["calibration"]["images"] == 48  # every training image (fewer than the 300 asked)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(exported / "onnx-int8" / "model.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    ov_m = json.loads((exported / "openvino-int8" / "manifest.json").read_text())
+    assert "FakeQuantize" in (exported / "openvino-int8" / "model.xml").read_text()
+    assert ov_m["runtime"]["inference_precision"] == "f32"
+
+
+def test_summary_reports_each_artifact_beside_fp32(exported):
+    summary = (exported / "summary.md").read_text()
+    for name in ("onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"):
+        assert name in summary
+    assert "FP32 top-1" in summary
+
+
+def test_bundle_predictions_match_pytorch_on_images(exported, run_dir):
+    from edgedistill.students import LogitsOnly, load_student
+
+    student, blob = load_student(run_dir)
+    split = json.loads((run_dir / "split.json").read_text())
+    images = [Image.open(p) for p, _ in split["test"][:8]]
+    with torch.inference_mode():
+        ref = LogitsOnly(student)(torch.from_numpy(np.stack([preprocess(i, blob["input"]) for i in images]))).numpy()
+    bundle = load_bundle(exported / "openvino-fp32")
+    np.testing.assert_allclose(bundle.predict_images(images), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_altered_file_fails_sha256_check(exported, tmp_path):
+    import shutil
+
+    copy = tmp_path / "onnx-fp32"
+    shutil.copytree(exported / "onnx-fp32", copy)
+    (copy / "reference.npz").unlink()
+    with pytest.raises(BundleError, match="incomplete: reference.npz is missing"):
+        load_bundle(copy)
+    shutil.copy(exported / "onnx-fp32" / "reference.npz", copy)
+    with open(copy / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match=r"model.onnx changed after export \(sha256"):
+        load_bundle(copy)
+
+
+@pytest.mark.parametrize("formats,precisions,match", [
+    (["onnx"], ["fp16"], r"Unsupported format/precision pair\(s\) \['onnx-fp16'\]. Supported: onnx: fp32, int8"),
+    (["onnnx"], ["fp32"], "Unknown export format 'onnnx'. Did you mean 'onnx'"),
+    (["onnx"], ["int4"], "Unknown precision 'int4'"),
+])
+def test_unsupported_requests_name_the_supported_pairs(formats, precisions, match):
+    from edgedistill.export import check_export_request
+
+    with pytest.raises(RecipeError, match=match):
+        check_export_request(formats, precisions)
+
+
+def test_cli_reports_unsupported_pair_without_traceback(run_dir, capsys):
+    assert cli.main(["export", str(run_dir), "--formats", "onnx", "--precision", "fp16"]) == 2
+    assert "openvino: fp32, fp16, int8" in capsys.readouterr().err
+
+
+def test_recipe_validation_checks_export_pairs():
+    from edgedistill.recipe import check_registered_names
+
+    recipe = build(Recipe, {"student": {"name": "test_efficientnet"}, "loss": {"ce": 1.0},
+                            "export": {"formats": ["tensorrt"], "precision": ["int4"]}}, "")
+    with pytest.raises(RecipeError, match="int4"):
+        check_registered_names(recipe)
+
+
+def test_tensorrt_without_gpu_says_so_and_other_formats_go_on(run_dir, caplog):
+    from edgedistill.export import export_run
+    from edgedistill.export.tensorrt import unavailable
+
+    if unavailable() is None:
+        pytest.skip("this host can build TensorRT engines")
+    paths = export_run(run_dir, formats=["tensorrt", "onnx"], precisions=["fp32"])
+    assert [p.name for p in paths] == ["onnx-fp32"]
+    messages = [r.getMessage() for r in caplog.records if "TensorRT export skipped" in r.getMessage()]
+    assert len(messages) == 1 and "build_engine.py" in messages[0]
+
+
+def test_parity_gate_fails_loudly_when_the_artifact_disagrees(run_dir, monkeypatch):
+    """An exporter that ships different weights must be caught, not silently written."""
+    from edgedistill.export import ExportError, export_run
+    from edgedistill.export import onnx as onnx_backend
+
+    real = onnx_backend.export_onnx
+
+    def tampered(model, path, *args):
+        broken = type(model)(model.student)
+        broken.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            broken.student.classifier.weight.copy_(torch.randn_like(broken.student.classifier.weight) * 10)
+        return real(broken, path, *args)
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", tampered)
+    with pytest.raises(ExportError, match=r"onnx-fp32: top-1 agreement 0\.\d+ < 0.995"):
+        export_run(run_dir, cfg=ExportCfg(formats=("onnx",), precision=("fp32",)))
+    manifest = json.loads((run_dir / "export" / "onnx-fp32" / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] is False
+    with pytest.warns(UserWarning, match="failed its parity check"):
+        load_bundle(run_dir / "export" / "onnx-fp32")
+    monkeypatch.undo()
+    export_run(run_dir, formats=["onnx"], precisions=["fp32"])  # leave a good bundle for the other tests
+
+
+def test_static_batch_bundle_runs_any_batch(run_dir, tmp_path):
+    import shutil
+
+    from edgedistill.export import export_run
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("export"))
+    export_run(run, cfg=ExportCfg(formats=("onnx",), precision=("fp32",), dynamic_batch=False, simplify=True))
+    bundle = load_bundle(run / "export" / "onnx-fp32")
+    assert bundle.manifest["input"]["shape"][0] == 1
+    x = np.random.default_rng(0).standard_normal((3, 3, 48, 48), dtype=np.float32)
+    assert bundle.predict(x).shape == (3, 3)
+
+
+def test_zero_shot_student_exports_class_scores(tmp_path):
+    from edgedistill.export import export_run
+
+    run = make_run(tmp_path, zero_shot=True)
+    (path,) = export_run(run, formats=["onnx"], precisions=["fp32"])
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["output"]["kind"] == "zero_shot_scores" and m["output"]["shape"] == ["batch", 3]
+    assert m["parity"]["passed"]
+    scores = load_bundle(path).predict(np.zeros((2, 3, 48, 48), np.float32))
+    assert scores.shape == (2, 3) and np.abs(scores).max() <= 100.0 + 1e-3  # scaled cosine similarities
+
+
+def test_import_edgedistill_export_stays_light():
+    code = ("import sys, edgedistill, edgedistill.export, edgedistill.bench, edgedistill.export.onnx, "
+            "edgedistill.export.openvino, edgedistill.export.tensorrt\n"
+            "heavy = [m for m in ('onnx', 'onnxruntime', 'openvino', 'nncf', 'tensorrt', 'matplotlib') "
+            "if m in sys.modules]\nassert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_formats_table_drives_docs():
+    from edgedistill.export import FORMATS, formats_markdown
+
+    table = formats_markdown()
+    assert all(f"`{name}`" in table for name in FORMATS)
+    readme = (Path(__file__).resolve().parents[1] / "export" / "README.md").read_text()
+    assert table in readme, "export/README.md's format table is stale: paste edgedistill.export.formats_markdown()"
