@@ -118,7 +118,7 @@ def sweep_table_md(rows: list[dict]) -> str:
     """Markdown: one line per (grid point, backend, precision, batch), sorted by backend, batch and latency;
     Pareto-optimal lines (within their backend and batch) are marked."""
     keys = list(dict.fromkeys(k for r in rows for k in r.get("point", {})))
-    head = keys + ["backend", "precision", "batch", "top1", "p50 ms", "Pareto"]
+    head = keys + ["backend", "precision", "batch", "top-1 %", "p50 ms", "Pareto"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(keys) + "---|---|---:|---:|---:|:---:|"]
     order = sorted(rows, key=lambda r: (str(r.get("backend")), r.get("batch") or 0,
                                         r.get("p50_ms") if r.get("p50_ms") is not None else float("inf")))
@@ -183,8 +183,8 @@ def collect_rows(run_dir, point: dict) -> list[dict]:
         top1 = top1["mean"]
     bench_path = run_dir / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.exists() else [{}]
-    return [{**b, "point": dict(point), "run_dir": str(run_dir), "top1": top1 if b.get("top1") is None else b["top1"]}
-            for b in bench]
+    return [{**b, "point": dict(point), "run_dir": str(run_dir), "top1": top1 if b.get("top1") is None else 100.0 * b["top1"]}
+            for b in bench]  # bench.json holds fractions, metrics.json percent: rows are in percent
 
 
 def run_sweep(name, overrides, out=None) -> list[dict]:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .target.run import sha256_file  # noqa: F401  (one implementation, shared with the target runtime)
+
 
 def require(module: str, extra: str):
     """Import an optional backend or fail with the exact install command."""
@@ -22,14 +24,6 @@ def fingerprint(obj) -> str:
     """A short, stable hash of any JSON-serialisable object (used to key stages and caches)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path, data: bytes):

@@ -9,13 +9,13 @@ from conftest import write_recipe
 def test_distil_from_real_efficientnet_lite(tmp_path):
     recipe = {
         "name": "real-lite",
-        "data": {"dataset": "conformal-clip-data", "max_per_class": 40, "test_fraction": 0.25, "image_size": 96,
+        "data": {"dataset": "conformal-clip-data", "max_per_class": 60, "test_fraction": 0.25, "image_size": 96,
                  "crop_pct": 1.0, "augment": "light", "views": 1},
         "teacher": {"name": "efficientnet-lite", "arch": "lite0", "image_size": 160, "head": "linear",
                     "probe_epochs": 150, "probe_lr": 0.003},
         "student": {"name": "tf_efficientnet_lite0", "weights": "efficientnet-lite0"},
         "loss": {"ce": 0.5, "kd": 0.5},
-        "train": {"epochs": 3, "batch_size": 16, "lr": 0.001, "weight_decay": 0.01, "device": "cpu"},
+        "train": {"epochs": 8, "batch_size": 8, "lr": 3.0e-4, "weight_decay": 0.01, "device": "cpu"},
         "baseline": False,
     }
     assert main(["recipe", "run", str(write_recipe(tmp_path / "r.yaml", recipe)), "--out", str(tmp_path / "run")]) == 0

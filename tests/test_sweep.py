@@ -65,7 +65,7 @@ def test_pareto_is_marked_per_backend_and_the_table_and_plot_are_written(tmp_pat
     on = {(r["backend"], r["point"]["student.name"]) for r in rows if r["pareto"]}
     assert on == {("onnxruntime", "a"), ("onnxruntime", "b"), ("openvino", "b"), ("openvino", "c")}
     md = sweep_table_md(rows)
-    assert md.splitlines()[0] == "| student.name | backend | precision | batch | top1 | p50 ms | Pareto |"
+    assert md.splitlines()[0] == "| student.name | backend | precision | batch | top-1 % | p50 ms | Pareto |"
     assert "| c | openvino | fp32 | 1 | 0.75 | 0.5 | ★ |" in md
     path = tmp_path / "sub" / "pareto.png"
     plot_pareto(rows, path)

@@ -59,10 +59,10 @@ class FeatureCache:
             return 0
         ds = _ViewDataset(items, todo, teacher.info.input.to_dict(), augment, crop_pct, salt)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
-        teacher.to(device)
+        teacher.to(device).to(memory_format=torch.channels_last)  # faster convolutions, same numbers
         with tqdm(total=len(todo), desc=desc, unit="img", leave=False) as bar:
             for x, idx, view in loader:
-                f = teacher.encode(x.to(device)).cpu().numpy()
+                f = teacher.encode(x.to(device).contiguous(memory_format=torch.channels_last)).cpu().numpy()
                 self.features[idx.numpy(), view.numpy()] = f
                 self.done[idx.numpy(), view.numpy()] = 1
                 bar.update(len(idx))
