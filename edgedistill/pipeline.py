@@ -371,7 +371,8 @@ def distill(run: Run, split: dict, feats: dict, head, items: list, targets: Teac
                          r.train.seed, online=online)
     sampler = GlobalBatchSampler(n_real, len(items) - n_real, r.train.batch_size, r.train.seed, r.train.real_fraction)
     rows = train(model, dataset, sampler, r.train, r.loss, folder, key, teacher=TeacherForTraining(run, head, online),
-                 targets=targets, workers=r.data.num_workers, desc="distill", device=run.device, mixup=r.data.mixup)
+                 targets=targets, workers=r.data.num_workers, desc="distill", device=run.device, mixup=r.data.mixup,
+                 num_classes=len(split["classes"]))
     return model, spec, rows
 
 
@@ -464,7 +465,9 @@ def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, base
 
     r = run.recipe
     key = fingerprint([student["key"], baseline and baseline["key"], run.keys["probe"], to_plain(r.eval)])
-    path = run.dir / "metrics.json"
+    path = run.dir / "stages" / "evaluate-metrics.json"  # the stage's own copy; RUN/metrics.json may combine seeds
+    if distributed.is_main() and not path.exists():
+        run.stage_file("evaluate").unlink(missing_ok=True)
     classes, test = split["classes"], split["test"]
     labels = torch.tensor([y for _, y in test])
 

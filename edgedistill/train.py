@@ -153,7 +153,7 @@ def make_optimizer(model, cfg):
 
 def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights, out_dir, key: str,
           teacher=None, targets: TeacherTargets | None = None, workers: int = 0, desc: str = "train",
-          device: str = "cpu", mixup: float = 0.0) -> list[dict]:
+          device: str = "cpu", mixup: float = 0.0, num_classes: int = 0) -> list[dict]:
     """Train ``model`` in place; checkpoints every epoch to ``out_dir/checkpoint.pt`` and resumes from it.
 
     Returns the per-epoch log rows (also appended to ``out_dir/log.jsonl``).
@@ -204,7 +204,8 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
                 t_feat = teacher.encode(xt.to(device)) if xt.numel() else targets.get(idx, views).to(device)
                 if mixup > 0:
                     xs, t_feat, labels = mix_real(xs, xt.to(device) if xt.numel() else None, labels, teacher, mixup,
-                                                  derived_seed("mix", cfg.seed, epoch, int(idx[0])), t_feat)
+                                                  derived_seed("mix", cfg.seed, epoch, int(idx[0])), t_feat,
+                                                  num_classes)
                 t_logits = teacher.logits(t_feat)
             with amp:
                 out = step_fn(xs, teacher_features=t_feat) if weights.align_uniform else step_fn(xs)
@@ -237,10 +238,9 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
     return rows
 
 
-def mix_real(xs, xt, labels, teacher, alpha, seed, t_feat):
+def mix_real(xs, xt, labels, teacher, alpha, seed, t_feat, num_classes: int):
     """Mixup on real labelled images only (P1); needs the online teacher so it sees the mixed image too."""
     real = (labels >= 0).nonzero().flatten()
-    num_classes = teacher.head.fc.out_features if hasattr(teacher.head, "fc") else int(labels.max()) + 1
     soft = torch.zeros(len(labels), num_classes, device=labels.device)
     soft[real, labels[real]] = 1.0
     if len(real) < 2 or xt is None:

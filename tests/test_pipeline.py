@@ -141,3 +141,12 @@ def test_torchrun_two_processes_match_one(tmp_path, image_folder):
     la = [json.loads(x)["loss"] for x in (one / "student" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (two / "student" / "log.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_online_teacher_with_mixup_trains(tmp_path, image_folder):
+    r = tiny_recipe(image_folder, baseline=False, train={"epochs": 1, "batch_size": 8, "lr": 0.003, "device": "cpu",
+                                                         "teacher": "online"})
+    r["data"].update(mixup=0.2, augment="p1")
+    assert main(["recipe", "run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run")]) == 0
+    row = json.loads((tmp_path / "run" / "student" / "log.jsonl").read_text().splitlines()[-1])
+    assert row["kd"] > 0 and row["ce"] > 0

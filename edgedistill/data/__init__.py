@@ -224,12 +224,16 @@ def augment_p3(img, rng, crop_pct):
 
     img = img.crop(random_resized_crop_box(img.width, img.height, rng, scale=(0.08, 1.0)))
     img = img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
-    state = random.getstate()
-    random.seed(int(rng.integers(1 << 31)))  # timm's RandAugment draws from `random`; keep it reproducible
+    # timm's RandAugment draws ops from numpy's global RNG and magnitudes from `random`: seed both, then restore.
+    seed = int(rng.integers(1 << 31))
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
     try:
         return rand_augment_transform("rand-m7-mstd0.5", {"translate_const": 100})(img)
     finally:
-        random.setstate(state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def load_rgb(path) -> Image.Image:
