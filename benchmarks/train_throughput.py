@@ -53,15 +53,18 @@ def main(argv=None):
           f"{recipe.student.name} @ {spec.size}px, batch {B}, {len(items)} images")
 
     # 1. Teacher forward alone (pre-processed tensors; no decoding).
-    x_t = torch.randn(B, 3, tspec.size, tspec.size, device=args.device)
+    cl = torch.channels_last if recipe.train.channels_last else torch.contiguous_format  # as training uses
+    teacher.to(memory_format=cl)
+    x_t = torch.randn(B, 3, tspec.size, tspec.size, device=args.device).contiguous(memory_format=cl)
     teacher.encode(x_t[:2])
     reps = max(1, args.images // B)
     print(f"teacher forward        {timed(lambda: [teacher.encode(x_t) for _ in range(reps)], reps * B):8.1f} img/s")
 
     # 2. One student optimisation step alone.
     model = build_student(recipe, len(split["classes"]), teacher.feature_dim).to(args.device).train()
+    model.to(memory_format=cl)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x_s = torch.randn(B, 3, spec.size, spec.size, device=args.device)
+    x_s = torch.randn(B, 3, spec.size, spec.size, device=args.device).contiguous(memory_format=cl)
 
     def steps():
         for _ in range(reps):

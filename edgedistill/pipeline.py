@@ -34,6 +34,8 @@ from .train import DistillSet, GlobalBatchSampler, TeacherTargets, predict, trai
 from .utils import atomic_torch_save, atomic_write_text, fingerprint, read_json, write_json
 
 log = logging.getLogger(__name__)
+# Part of the training stages' keys: bump it when a fix changes what training produces from the same recipe.
+TRAIN_VERSION = 2
 
 
 class Run:
@@ -174,7 +176,8 @@ def preflight_weights(run: Run):
 
 
 def with_seed(run: Run, k: int) -> Run:
-    recipe = dataclasses.replace(run.recipe, train=dataclasses.replace(run.recipe.train, seed=run.recipe.train.seed + k))
+    train = dataclasses.replace(run.recipe.train, seed=run.recipe.train.seed + k)
+    recipe = dataclasses.replace(run.recipe, train=train)
     seeded = Run(run.dir / f"seed-{k}", recipe, run.shared)
     seeded._teacher, seeded.keys, seeded.timings = run._teacher, dict(run.keys), run.timings
     seeded.device = run.device
@@ -321,7 +324,8 @@ def stage_synth(run: Run, split: dict, feats: dict) -> dict:
         n_eval = len(split["val"]) + len(split["test"])
         eval_features = feats["caches"]["eval"].get(np.arange(n_eval)) if n_eval else None
         result = synth_stage(run.recipe, run.shared, teacher, split, run.device, eval_features=eval_features)
-        write_json(run.shared / "synth" / "kept.json", {"items": result["items"], "rows": list(map(int, result["rows"])),
+        rows = [int(i) for i in result["rows"]]
+        write_json(run.shared / "synth" / "kept.json", {"items": result["items"], "rows": rows,
                                                          "cache": str(result["cache"].folder),
                                                          "report": result.get("report", {})})
         return {"kept": len(result["items"]), "report": result.get("report", {})}
@@ -378,8 +382,9 @@ def distill(run: Run, split: dict, feats: dict, head, items: list, targets: Teac
 
 def stage_distill(run: Run, split: dict, feats: dict, head, synth, k: int) -> dict:
     r = run.recipe
-    key = fingerprint([run.keys["probe"], run.keys.get("synth"), to_plain(r.student), to_plain(r.loss),
-                       to_plain(r.train), r.data.augment, r.data.views, r.data.mixup, r.data.image_size,
+    key = fingerprint([TRAIN_VERSION, run.keys["probe"], run.keys.get("synth"), to_plain(r.student),
+                       to_plain(r.loss), to_plain(r.train), r.data.augment, r.data.views, r.data.mixup,
+                       r.data.image_size,
                        r.data.crop_pct, r.data.real_train, r.eval.zero_shot, r.eval.synthetic_holdout])
     folder = run.dir / "student"
 
@@ -434,7 +439,8 @@ class TeacherForTraining:
 def stage_baseline(run: Run, split: dict, k: int) -> dict:
     """The same student, same data and budget, cross-entropy only: what the teacher is worth."""
     r = run.recipe
-    key = fingerprint([run.keys["split"], to_plain(r.student), to_plain(r.train), r.data.augment, r.data.views,
+    key = fingerprint([TRAIN_VERSION, run.keys["split"], to_plain(r.student), to_plain(r.train), r.data.augment,
+                       r.data.views,
                        r.data.image_size, r.data.crop_pct, r.loss.label_smoothing])
     folder = run.dir / "baseline"
 
@@ -686,7 +692,8 @@ def print_summary(out: Path, metrics: dict):
 def write_report(run: Run, metrics: dict, split: dict):
     r = run.recipe
     lines = [f"# {r.name}", "", r.description, "",
-             f"Teacher `{r.teacher.name}` ({metrics['teacher'].get('arch', '')}, {metrics['teacher'].get('weights', '')})"
+             f"Teacher `{r.teacher.name}` ({metrics['teacher'].get('arch', '')}, "
+             f"{metrics['teacher'].get('weights', '')})"
              f" → student `{r.student.name}`; {metrics['n_test']} held-out images, {len(split['classes'])} classes.",
              "", "| model | top-1 % | top-5 % | GFLOPs/img | params (M) | agreement with teacher % |",
              "|---|---|---|---|---|---|"]

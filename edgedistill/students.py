@@ -76,7 +76,9 @@ class Student(nn.Module):
                  zero_shot: ZeroShotHead | None = None, au_dim: int = 0, teacher_dim: int = 0):
         super().__init__()
         self.backbone = backbone
-        F = backbone.num_features
+        # What the backbone returns with num_classes=0: after a pre-logits head (MobileNetV3's conv_head) that is
+        # head_hidden_size, not num_features.
+        F = getattr(backbone, "head_hidden_size", None) or backbone.num_features
         self.proj = nn.Linear(F, embed_dim) if embed_dim else None
         self.classifier = nn.Linear(F, num_classes) if classifier else None
         self.zero_shot = zero_shot
@@ -134,7 +136,12 @@ def create_backbone(cfg) -> nn.Module:
 def build_student(recipe, num_classes: int, teacher_dim: int, text_embeddings: torch.Tensor | None = None,
                   baseline: bool = False) -> Student:
     """The student a recipe asks for. A baseline student gets a classifier only (CE, no teacher)."""
+    from .utils import derived_seed
+
     loss = recipe.loss
+    # New heads draw from torch's global RNG: seed it from the recipe so the initial weights do not depend on
+    # which stages happened to run before in this process (a reused probe stage consumes no random numbers).
+    torch.manual_seed(derived_seed("student-init", recipe.train.seed))
     backbone = create_backbone(recipe.student)
     if baseline:
         return Student(backbone, num_classes)
