@@ -95,7 +95,7 @@ def main(argv=None):
         cfg = dataclasses.replace(recipe.train, epochs=1)
         out = folder / mode
         rate = timed(lambda: train(model, ds, sampler, cfg, recipe.loss, out, mode,
-                                   teacher=TeacherForTraining(run, head, online), targets=targets,
+                                   teacher=TeacherForTraining(run, head), targets=targets,
                                    device=args.device, desc=mode), len(sampler) * sampler.batch)
         print(f"distill epoch, {mode:<7} {rate:8.1f} img/s")
     distributed.barrier()

@@ -111,8 +111,8 @@ def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dic
     results = []
     for k in range(seeds):
         seed_run = with_seed(run, k) if seeds > 1 else run
-        student = stage_distill(seed_run, split, feats, head, synth, k)
-        baseline = stage_baseline(seed_run, split, k) if recipe.baseline else None
+        student = stage_distill(seed_run, split, feats, head, synth)
+        baseline = stage_baseline(seed_run, split) if recipe.baseline else None
         results.append(stage_evaluate(seed_run, split, feats, head, student, baseline, synth))
     metrics = combine_seeds(run, results) if seeds > 1 else results[0]
 
@@ -252,7 +252,7 @@ def stage_features(run: Run, split: dict) -> dict:
                 "info": {"name": t.info.name, "arch": t.info.arch, "weights": t.info.weights,
                          "licence": t.info.licence}}
 
-    summary = run.stage("features", key, compute if distributed.is_main() else dict)
+    run.stage("features", key, compute if distributed.is_main() else dict)
     distributed.barrier()
     summary = read_json(run.stage_file("features"))["summary"]
     return {**summary, "caches": open_caches(run, split, summary["dim"])}
@@ -314,10 +314,7 @@ def stage_synth(run: Run, split: dict, feats: dict) -> dict:
 
     key = fingerprint([run.keys["probe"], to_plain(run.recipe.synthetic), run.recipe.data.views,
                        run.recipe.data.augment, run.recipe.data.prompt_names, run.recipe.data.superclass])
-    teacher = None
-
     def compute():
-        nonlocal teacher
         teacher = run.teacher()
         teacher.head = torch.load(run.shared / "probe" / "head.pt", map_location="cpu",
                                   weights_only=False).to(run.device)
@@ -374,13 +371,13 @@ def distill(run: Run, split: dict, feats: dict, head, items: list, targets: Teac
     dataset = DistillSet(items, spec.to_dict(), feats["input"], r.data.augment, r.data.views, spec.crop_pct,
                          r.train.seed, online=online)
     sampler = GlobalBatchSampler(n_real, len(items) - n_real, r.train.batch_size, r.train.seed, r.train.real_fraction)
-    rows = train(model, dataset, sampler, r.train, r.loss, folder, key, teacher=TeacherForTraining(run, head, online),
+    rows = train(model, dataset, sampler, r.train, r.loss, folder, key, teacher=TeacherForTraining(run, head),
                  targets=targets, workers=r.data.num_workers, desc="distill", device=run.device, mixup=r.data.mixup,
                  num_classes=len(split["classes"]))
     return model, spec, rows
 
 
-def stage_distill(run: Run, split: dict, feats: dict, head, synth, k: int) -> dict:
+def stage_distill(run: Run, split: dict, feats: dict, head, synth) -> dict:
     r = run.recipe
     key = fingerprint([TRAIN_VERSION, run.keys["probe"], run.keys.get("synth"), to_plain(r.student),
                        to_plain(r.loss), to_plain(r.train), r.data.augment, r.data.views, r.data.mixup,
@@ -422,8 +419,8 @@ def synth_generator_info(recipe: Recipe):
 class TeacherForTraining:
     """What the training loop needs of the teacher: features (online) and the frozen head."""
 
-    def __init__(self, run: Run, head, online: bool):
-        self.run, self.head, self.online = run, head.to(run.device), online
+    def __init__(self, run: Run, head):
+        self.run, self.head = run, head.to(run.device)
 
     def encode(self, x):
         return self.run.teacher().encode(x)
@@ -436,7 +433,7 @@ class TeacherForTraining:
         return self
 
 
-def stage_baseline(run: Run, split: dict, k: int) -> dict:
+def stage_baseline(run: Run, split: dict) -> dict:
     """The same student, same data and budget, cross-entropy only: what the teacher is worth."""
     r = run.recipe
     key = fingerprint([TRAIN_VERSION, run.keys["split"], to_plain(r.student), to_plain(r.train), r.data.augment,
@@ -487,10 +484,11 @@ def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, base
         metrics = {"recipe": r.name, "classes": classes, "n_test": len(test),
                    "teacher": {**classification_metrics(t_logits, labels, classes, tk), "gflops": feats["gflops"],
                                "params_m": feats["params_m"], **feats["info"]}}
+        loaded = {}
         for name, stage in (("student", student), ("baseline", baseline)):
             if stage is None:
                 continue
-            model, blob = load_student(run.dir, name)
+            model, blob = loaded[name] = load_student(run.dir, name)
             out = predict(model, test, blob["input"], blob["input"]["crop_pct"],
                           r.train.batch_size, run.device, r.data.num_workers, desc=f"evaluate {name}")
             logits = out["logits"]
@@ -505,8 +503,8 @@ def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, base
                     out["embedding"], t_feat).mean().item()
         metrics["gflops_ratio"] = metrics["student"]["gflops"] / max(metrics["teacher"]["gflops"], 1e-12)
         if r.eval.corruptions:
-            metrics["robustness"] = evaluate_robustness(run, test, head)
-        metrics["gap"] = evaluate_gap(run, split, feats, head, synth, metrics)
+            metrics["robustness"] = evaluate_robustness(run, test, head, *loaded["student"])
+        metrics["gap"] = evaluate_gap(run, split, head, synth, metrics, *loaded["student"])
         if r.eval.spurious:
             metrics["spurious"] = evaluate_spurious(run, split, feats, head, student["key"])
         for name in ("teacher", "student", "baseline"):
@@ -521,11 +519,11 @@ def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, base
     return read_json(path)
 
 
-def evaluate_robustness(run: Run, test: list, head) -> dict:
+def evaluate_robustness(run: Run, test: list, head, student, blob: dict) -> dict:
     """Common corruptions (P4 §7): teacher and student see the very same corrupted pixels; mPC and rPC per model."""
     from . import robustness
-    from .students import load_student
-    from .target.run import center_crop_box, resize_normalize
+    from .data import view_image
+    from .target.run import resize_normalize
 
     r = run.recipe
     names = {"default": robustness.DEFAULT_SUBSET, "all": robustness.ALL_CORRUPTIONS}.get(
@@ -534,16 +532,11 @@ def evaluate_robustness(run: Run, test: list, head) -> dict:
         robustness.CORRUPTIONS.get(name)
     items = test[:: max(1, len(test) // max(1, r.eval.corruption_images))][: r.eval.corruption_images]
     labels = [y for _, y in items]
-    student, blob = load_student(run.dir, "student")
     teacher, sspec = run.teacher(), blob["input"]
     tspec = teacher.info.input.to_dict()
     crop = eval_crop(run, teacher.info.input)
-    images = []  # centre crop once at 224 px; corruptions act on what both models then resize
-    for path, _ in items:
-        from .data import load_rgb
-
-        img = load_rgb(path)
-        images.append(img.crop(center_crop_box(img.width, img.height, crop)).resize((224, 224)))
+    # The un-augmented view once, at 224 px; corruptions act on what both models then resize.
+    images = [view_image(path, "none", None, crop).resize((224, 224)) for path, _ in items]
 
     def predictor(fn, spec):
         def predict(batch):
@@ -566,11 +559,8 @@ def evaluate_robustness(run: Run, test: list, head) -> dict:
     return {**summary, "images": len(items), "markdown": markdown}
 
 
-def evaluate_gap(run: Run, split: dict, feats: dict, head, synth, metrics: dict) -> dict:
+def evaluate_gap(run: Run, split: dict, head, synth, metrics: dict, model, blob: dict) -> dict:
     """Synthetic-to-real gap (P4): held-out synthetic vs real test accuracy, and train vs test accuracy."""
-    from .students import load_student
-
-    model, blob = load_student(run.dir, "student")
     r = run.recipe
 
     def student_acc(items):

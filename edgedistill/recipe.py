@@ -5,7 +5,6 @@ naming the key and suggesting the nearest valid one; nothing is ever auto-correc
 """
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
