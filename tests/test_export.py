@@ -1,5 +1,6 @@
 """Export: the format table, the parity gate, bundles and manifests, on tiny students trained in seconds."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -263,3 +264,30 @@ def test_formats_table_drives_docs():
     assert all(f"`{name}`" in table for name in FORMATS)
     readme = (Path(__file__).resolve().parents[1] / "export" / "README.md").read_text()
     assert table in readme, "export/README.md's format table is stale: paste edgedistill.export.formats_markdown()"
+
+
+def test_module_path_maps_exported_node_names_back_to_student_layers():
+    from edgedistill.export.quantize import module_path
+
+    assert module_path("/student/backbone/blocks/blocks.0/blocks.0.1/conv_dw/Conv") == "student.backbone.blocks.0.1.conv_dw"
+    assert module_path("/student/backbone/conv_stem/Conv/WithoutBiases") == "student.backbone.conv_stem"
+    assert module_path("/student/classifier/Gemm") == "student.classifier"
+
+
+def test_sensitive_float_keeps_the_ranked_layers_in_float(run_dir):
+    """The sensitive_float attempt leaves exactly the top-ranked student layers' convs un-quantized in ONNX."""
+    import onnx
+
+    from edgedistill.export.bundle import ExportJob
+    from edgedistill.export.onnx import float_nodes
+    from edgedistill.export.quantize import sensitivity_ranking
+    from edgedistill.recipe import ExportCfg
+
+    job = ExportJob.create(run_dir, ExportCfg(calibration_images=16, parity_images=8))
+    ranking = sensitivity_ranking(job)
+    convs = [n.name for n in onnx.load(str(job.onnx_fp32())).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert len(ranking) >= len(convs) > 2
+    kept = float_nodes(job.onnx_fp32(), "sensitive_float", job, keep=2)
+    from edgedistill.export.quantize import module_path
+    assert {module_path(n) for n in kept if n in convs} == set(ranking[:2])
+    shutil.rmtree(job.out_root / ".work")

@@ -33,6 +33,7 @@ class ExportJob:
     fp32_top1: dict = field(default_factory=dict)   # format -> its FP32 artifact's accuracy, for the report
     _calibration: tuple | None = None
     _onnx: Path | None = None
+    _sensitivity: list | None = None   # quantize.sensitivity_ranking, computed once per job
 
     @classmethod
     def create(cls, run_dir: Path, cfg) -> "ExportJob":

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..utils import require
 from .quantize import attempts as int8_attempts
-from .quantize import validation_set
+from .quantize import sensitive_nodes, validation_set
 
 # What the CPU plugin computes in. FP32 bundles pin f32: on CPUs with bf16 (AVX512-BF16, AMX) OpenVINO would
 # otherwise silently run an "FP32" model in bf16. FP16 bundles leave the device its own half precision.
@@ -14,8 +14,9 @@ QUANTIZED_OPS = ("Convolution", "GroupConvolution", "MatMul")
 
 
 def attempts(precision: str) -> tuple:
-    """INT8 retry ladder: all INT8, the first conv and the head in float, then NNCF's accuracy control."""
-    return int8_attempts(precision, modes=("full", "keep_ends_float", "accuracy_control"))
+    """INT8 retry ladder: all INT8; the first conv and the head in float; the most sensitive layers in float; then
+    NNCF's accuracy control."""
+    return int8_attempts(precision, modes=("full", "keep_ends_float", "sensitive_float", "accuracy_control"))
 
 
 def unavailable() -> str | None:
@@ -26,7 +27,7 @@ def unavailable() -> str | None:
     return None
 
 
-def export_bundle(job, folder: Path, precision: str, mode: str = "full") -> dict:
+def export_bundle(job, folder: Path, precision: str, mode: str = "full", keep: int = 0) -> dict:
     """Write ``model.xml``/``model.bin`` for ``precision`` into ``folder``; returns the manifest fields."""
     ov = require("openvino", "openvino")
     model = ov.convert_model(str(job.onnx_fp32()))
@@ -34,24 +35,28 @@ def export_bundle(job, folder: Path, precision: str, mode: str = "full") -> dict
             "runtime": {"name": "openvino", "inference_precision": INFERENCE_PRECISION[precision]}}
     if precision == "int8":
         calib, calib_info = job.calibration()
-        model, quantization = quantize_nncf(model, calib, mode, job)
+        model, quantization = quantize_nncf(model, calib, mode, job, keep)
         info["quantization"] = {**quantization, "calibration": calib_info}
     ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=precision == "fp16")
     return info
 
 
-def quantize_nncf(model, calib, mode: str, job):
+def quantize_nncf(model, calib, mode: str, job, keep: int = 0):
     """NNCF post-training quantization; transformer graphs get NNCF's transformer scheme (SmoothQuant, mixed)."""
     nncf = require("nncf", "openvino")
     transformer = any(op.get_type_name() == "Softmax" for op in model.get_ops())
     kwargs = {"subset_size": len(calib), "model_type": nncf.ModelType.TRANSFORMER if transformer else None}
-    ends = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in QUANTIZED_OPS]
-    ends = sorted({ends[0], ends[-1]}) if mode == "keep_ends_float" and ends else []
-    if ends:
-        kwargs["ignored_scope"] = nncf.IgnoredScope(names=ends)
+    nodes = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in QUANTIZED_OPS]
+    floats = []
+    if mode == "keep_ends_float" and nodes:
+        floats = sorted({nodes[0], nodes[-1]})
+    elif mode == "sensitive_float":
+        floats = sensitive_nodes(job, nodes, keep)
+    if floats:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=floats)
     data = nncf.Dataset(list(calib[:, None]))
     info = {"tool": f"nncf {nncf.__version__}", "mode": mode, "model_type": "transformer" if transformer else "default",
-            "float_nodes": ends}
+            "float_layers": keep, "float_nodes": floats}
     if mode == "accuracy_control":
         return accuracy_controlled(nncf, model, data, kwargs, job), info
     return nncf.quantize(model, data, **kwargs), info
