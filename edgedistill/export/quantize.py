@@ -98,10 +98,12 @@ def sensitivity_ranking(job) -> list[str]:
         amax = weight.abs().flatten(1).amax(1).clamp(min=1e-12)
         module.weight.data = torch.fake_quantize_per_channel_affine(
             weight, amax / 127, torch.zeros_like(amax, dtype=torch.int32), 0, -128, 127)
-        with torch.inference_mode():
-            errors[name] = float((model(x) - reference).abs().mean())
-        module.weight.data = weight
-        handle.remove()
+        try:
+            with torch.inference_mode():
+                errors[name] = float((model(x) - reference).abs().mean())
+        finally:  # the student is exported after this: it must leave exactly as it came
+            module.weight.data = weight
+            handle.remove()
     job._sensitivity = sorted(errors, key=errors.get, reverse=True)
     return job._sensitivity
 
