@@ -150,6 +150,7 @@ class ExportCfg:
     dynamic_batch: bool = True
     simplify: bool = False
     calibration_images: int = 300
+    int8_finetune_steps: int = 200      # INT8-aware fine-tuning, the ladder's last resort; 0: never
     parity_images: int = 200
     min_agreement: float = 0.995
     min_agreement_int8: float = 0.97

@@ -119,8 +119,10 @@ def test_int8_is_really_quantized(exported):
     assert m["quantization"]["calibration"]["images"] == 48  # every training image (fewer than the 300 asked)
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(exported / "onnx-int8" / "model.onnx")).graph.node}
-    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    graph = onnx.load(str(exported / "onnx-int8" / "model.onnx")).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    (head,) = [n for n in graph.node if "scores" in n.output]
+    assert head.op_type == "Gemm"   # the class scores come out in float, not rounded to 256 levels
     ov_m = json.loads((exported / "openvino-int8" / "manifest.json").read_text())
     assert "FakeQuantize" in (exported / "openvino-int8" / "model.xml").read_text()
     assert ov_m["runtime"]["inference_precision"] == "f32"
@@ -291,3 +293,61 @@ def test_sensitive_float_keeps_the_ranked_layers_in_float(run_dir):
     from edgedistill.export.quantize import module_path
     assert {module_path(n) for n in kept if n in convs} == set(ranking[:2])
     shutil.rmtree(job.out_root / ".work")
+
+
+def test_int8_simulation_matches_onnxruntime_int8(run_dir):
+    """The fine-tuning's simulated INT8 reproduces what ONNX Runtime's INT8 graph computes, far closer than float."""
+    import onnxruntime as ort
+
+    from edgedistill.export import qat
+    from edgedistill.export.bundle import ExportJob
+    from edgedistill.export.onnx import quantize_qdq
+
+    job = ExportJob.create(run_dir, ExportCfg(calibration_images=32, parity_images=30))
+    calib, _ = job.calibration()
+    quantize_qdq(job.onnx_fp32(), job.out_root / ".work" / "q.onnx", calib)
+    session = ort.InferenceSession(str(job.out_root / ".work" / "q.onnx"), providers=["CPUExecutionProvider"])
+    int8 = session.run(None, {"input": job.parity.x})[0]
+    ranges, undo = qat.simulate_int8(job.model)
+    try:
+        qat.calibrate(job.model, ranges, calib)
+        simulated = qat.scores(job.model, job.parity.x)
+    finally:
+        undo()
+    assert np.abs(simulated - int8).mean() < 0.5 * np.abs(job.parity.reference - int8).mean()
+    assert np.allclose(qat.scores(job.model, job.parity.x), job.parity.reference, atol=1e-5)  # undo is complete
+    shutil.rmtree(job.out_root / ".work")
+
+
+def test_int8_finetune_tunes_a_copy_and_leaves_the_student(run_dir):
+    from edgedistill.export import qat
+    from edgedistill.export.bundle import ExportJob
+
+    job = ExportJob.create(run_dir, ExportCfg(calibration_images=16, parity_images=8))
+    before = {k: v.clone() for k, v in job.model.state_dict().items()}
+    calib, _ = job.calibration()
+    tuned, info = qat.finetune(job.model, calib, calib, calib, steps=6, recalibrate_every=3, lr=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in job.model.state_dict().items())
+    assert tuned.state_dict().keys() == before.keys()   # a plain model again: no parametrizations left behind
+    assert [h["step"] for h in info["history"]] == [0, 3, 6] and info["chosen_step"] in (0, 3, 6)
+    assert info["simulated_agreement_after"] >= info["simulated_agreement_before"]
+    changed = any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items())
+    assert changed == (info["chosen_step"] > 0)
+
+
+def test_int8_finetune_attempt_is_recorded_in_the_manifest(run_dir, tmp_path, monkeypatch):
+    from edgedistill.export import export_run
+    from edgedistill.export import onnx as onnx_backend
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("export"))
+    ladder = ({"mode": "sensitive_float", "keep": 1, "finetune": True},)
+    monkeypatch.setattr(onnx_backend, "attempts", lambda precision: ladder if precision == "int8" else ({},))
+    export_run(run, cfg=ExportCfg(formats=("onnx",), precision=("int8",), calibration_images=16,
+                                  int8_finetune_steps=4))
+    m = json.loads((run / "export" / "onnx-int8" / "manifest.json").read_text())
+    finetune = m["quantization"]["finetune"]
+    assert finetune["steps"] == 4 and len(finetune["float_modules"]) == 1
+    assert m["quantization"]["attempts"] == [{**ladder[0], "top1_agreement": m["parity"]["top1_agreement"]}]
+    assert m["parity"]["passed"] and load_bundle(run / "export" / "onnx-int8").predict(np.zeros((1, 3, 48, 48),
+                                                                                       np.float32)).shape == (1, 3)

@@ -185,7 +185,8 @@ def export_one(job, name: str, precision: str) -> dict:
 
     fmt, module = FORMATS[name], backend(name)
     tried = []  # (folder, attempt, outcome)
-    for i, attempt in enumerate(module.attempts(precision)):
+    ladder = [a for a in module.attempts(precision) if job.cfg.int8_finetune_steps > 0 or not a.get("finetune")]
+    for i, attempt in enumerate(ladder):
         folder = job.out_root / f".{name}-{precision}.try{i}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

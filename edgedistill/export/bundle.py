@@ -34,6 +34,8 @@ class ExportJob:
     _calibration: tuple | None = None
     _onnx: Path | None = None
     _sensitivity: list | None = None   # quantize.sensitivity_ranking, computed once per job
+    _finetuned: dict = field(default_factory=dict)   # keep -> (INT8-aware fine-tuned student, info)
+    _finetuned_onnx: dict = field(default_factory=dict)   # keep -> its FP32 ONNX graph
 
     @classmethod
     def create(cls, run_dir: Path, cfg) -> "ExportJob":
@@ -82,6 +84,21 @@ class ExportJob:
             self._onnx = export_onnx(self.model, path, int(self.spec["size"]), self.cfg.opset, self.cfg.dynamic_batch,
                                      self.cfg.simplify)
         return self._onnx
+
+    def source_onnx(self, finetune: bool = False, keep: int = 0) -> tuple[Path, dict | None]:
+        """The FP32 ONNX graph a quantizer starts from: the student's, or (``finetune``) that of its INT8-aware
+        fine-tuned copy with ``keep`` layers left float; and the fine-tuning record for the manifest."""
+        from .onnx import export_onnx
+        from .quantize import finetuned_student
+
+        if not finetune:
+            return self.onnx_fp32(), None
+        model, info = finetuned_student(self, keep)
+        if keep not in self._finetuned_onnx:
+            path = self.out_root / ".work" / f"model-int8-finetuned-{keep}.onnx"
+            self._finetuned_onnx[keep] = export_onnx(model, path, int(self.spec["size"]), self.cfg.opset,
+                                                     self.cfg.dynamic_batch, self.cfg.simplify)
+        return self._finetuned_onnx[keep], info
 
 
 def output_meaning(student) -> dict:

@@ -83,16 +83,20 @@ def simplify_graph(path: Path) -> str:
     return "onnxruntime basic graph optimizations"
 
 
-def export_bundle(job, folder: Path, precision: str, mode: str = "full", keep: int = 0) -> dict:
-    """Write ``model.onnx`` for ``precision`` into ``folder``; returns the backend's manifest fields."""
+def export_bundle(job, folder: Path, precision: str, mode: str = "full", keep: int = 0, finetune: bool = False) -> dict:
+    """Write ``model.onnx`` for ``precision`` into ``folder``; returns the backend's manifest fields.
+
+    ``finetune``: quantize the INT8-aware fine-tuned copy of the student instead (``quantize.finetuned_student``).
+    """
     target = folder / "model.onnx"
     info = {"files": ["model.onnx"], "runtime": {"name": "onnxruntime"}, "opset": job.cfg.opset}
     if precision == "fp32":
         shutil.copyfile(job.onnx_fp32(), target)
         return info
     calib, calib_info = job.calibration()
-    quantization = quantize_qdq(job.onnx_fp32(), target, calib, mode, job, keep)
-    return {**info, "quantization": {**quantization, "calibration": calib_info}}
+    source, tuned = job.source_onnx(finetune, keep)
+    quantization = quantize_qdq(source, target, calib, mode, job, keep)
+    return {**info, "quantization": {**quantization, "calibration": calib_info, "finetune": tuned}}
 
 
 class _Reader:
@@ -110,7 +114,7 @@ def quantize_qdq(src: Path, dst: Path, calib: np.ndarray, mode: str = "full", jo
     """Static INT8 of the compute-heavy ops: per-channel int8 weights, uint8 activations (min/max), QDQ format.
 
     Only Conv/MatMul/Gemm (and the activations folded into them) get quantized: Q/DQ pairs around adds cost time
-    on CPU and lose agreement without saving compute.
+    on CPU and lose agreement without saving compute. The graph's outputs stay float (``float_outputs``).
     """
     q = require("onnxruntime.quantization", "onnx")
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -118,13 +122,50 @@ def quantize_qdq(src: Path, dst: Path, calib: np.ndarray, mode: str = "full", jo
     pre = dst.with_suffix(".pre.onnx")
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     exclude = float_nodes(pre, mode, job, keep)
-    q.quantize_static(str(pre), str(dst), _Reader(calib), quant_format=q.QuantFormat.QDQ, per_channel=True,
-                      op_types_to_quantize=[*QUANTIZED_OPS, *FUSED_ACTIVATIONS], activation_type=q.QuantType.QUInt8,
-                      weight_type=q.QuantType.QInt8, nodes_to_exclude=exclude,
-                      calibrate_method=q.CalibrationMethod.MinMax)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))   # the quantizer logs a line per rescaled weight channel at INFO
+    try:
+        q.quantize_static(str(pre), str(dst), _Reader(calib), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          op_types_to_quantize=[*QUANTIZED_OPS, *FUSED_ACTIVATIONS],
+                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8, nodes_to_exclude=exclude,
+                          calibrate_method=q.CalibrationMethod.MinMax)
+    finally:
+        root.setLevel(level)
     pre.unlink()
+    stripped = float_outputs(dst)
     return {"tool": "onnxruntime.quantization.quantize_static", "mode": mode, "format": "QDQ", "float_layers": keep,
-            "weights": "int8 per-channel", "activations": "uint8 per-tensor (min/max)", "float_nodes": exclude}
+            "weights": "int8 per-channel", "activations": "uint8 per-tensor (min/max)", "float_nodes": exclude,
+            "float_outputs": stripped}
+
+
+def float_outputs(path: Path) -> list:
+    """Drop the Q/DQ pair ONNX Runtime puts on the graph's outputs, so the class scores come out in float.
+
+    Quantized, the scores would be rounded to 256 levels over their calibration range and clipped to it: a 0.1-logit
+    step on a 3-class head, enough to flip or tie the near-margin images, and no faster (the head is tiny).
+    """
+    onnx = require("onnx", "onnx")
+    model = onnx.load(str(path))
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    stripped = []
+    for output in graph.output:
+        dq = producer.get(output.name)
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in producer:
+            continue
+        source = producer[q.input[0]]
+        source.output[list(source.output).index(q.input[0])] = output.name
+        graph.node.remove(q)
+        graph.node.remove(dq)
+        stripped.append(output.name)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    if stripped:
+        onnx.save(model, str(path))
+    return stripped
 
 
 def float_nodes(path: Path, mode: str, job=None, keep: int = 0) -> list:

@@ -27,16 +27,20 @@ def unavailable() -> str | None:
     return None
 
 
-def export_bundle(job, folder: Path, precision: str, mode: str = "full", keep: int = 0) -> dict:
-    """Write ``model.xml``/``model.bin`` for ``precision`` into ``folder``; returns the manifest fields."""
+def export_bundle(job, folder: Path, precision: str, mode: str = "full", keep: int = 0, finetune: bool = False) -> dict:
+    """Write ``model.xml``/``model.bin`` for ``precision`` into ``folder``; returns the manifest fields.
+
+    ``finetune``: quantize the INT8-aware fine-tuned copy of the student instead (``quantize.finetuned_student``).
+    """
     ov = require("openvino", "openvino")
-    model = ov.convert_model(str(job.onnx_fp32()))
+    source, tuned = job.source_onnx(finetune and precision == "int8", keep)
+    model = ov.convert_model(str(source))
     info = {"files": ["model.xml", "model.bin"], "opset": job.cfg.opset,
             "runtime": {"name": "openvino", "inference_precision": INFERENCE_PRECISION[precision]}}
     if precision == "int8":
         calib, calib_info = job.calibration()
         model, quantization = quantize_nncf(model, calib, mode, job, keep)
-        info["quantization"] = {**quantization, "calibration": calib_info}
+        info["quantization"] = {**quantization, "calibration": calib_info, "finetune": tuned}
     ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=precision == "fp16")
     return info
 

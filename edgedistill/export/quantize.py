@@ -12,11 +12,13 @@ from .images import load_pixels, random_pixels, resolve, sample, synthetic_items
 
 # Tried in order until one passes the parity gate (peers' INT8 top-1 collapses: ultralytics #22644, TensorRT #1834):
 # everything in INT8; then the first conv and the class head kept in float (the usual mixed-precision fix); then
-# the 4, 8 or 12 layers whose quantization moves the scores most (``sensitivity_ranking``) kept in float; or, where
+# the 4, 8 or 12 layers whose quantization moves the scores most (``sensitivity_ranking``) kept in float; then
+# the 4 kept float and the rest INT8-aware fine-tuned first (``qat.py``, minutes on a CPU, hence late); or, where
 # the backend can, an accuracy-controlled search that reverts the layers that hurt agreement most.
 INT8_ATTEMPTS = ({"mode": "full"}, {"mode": "keep_ends_float"}, {"mode": "sensitive_float", "keep": 4},
                  {"mode": "sensitive_float", "keep": 8}, {"mode": "sensitive_float", "keep": 12},
-                 {"mode": "accuracy_control"})
+                 {"mode": "sensitive_float", "keep": 4, "finetune": True}, {"mode": "accuracy_control"})
+FINETUNE_IMAGES = 1000   # calibration-pool images the INT8-aware fine-tuning trains on
 SENSITIVITY_IMAGES = 64
 
 
@@ -52,6 +54,28 @@ def validation_set(job, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
     fresh = [p for p in pixels if p.tobytes() not in seen][:n] or list(pixels[:n])
     x = to_inputs(np.stack(fresh), job.spec)
     return x, pytorch_scores(job.model, x).argmax(1)
+
+
+def finetuned_student(job, keep: int):
+    """The student INT8-aware fine-tuned with its ``keep`` most sensitive layers left float; (model, info).
+
+    Trains on calibration-pool images, picks the step that does best on ``validation_set`` (held out from
+    training and calibration), never looks at the parity images. Computed once per job and ``keep``.
+    """
+    from . import qat
+    from .images import to_inputs
+
+    if keep not in job._finetuned:
+        calib, _ = job.calibration()
+        val, _ = validation_set(job)
+        seen = {v.tobytes() for v in val}
+        pixels, _ = calibration_set(job.run_dir, job.split, job.spec, FINETUNE_IMAGES, seed=2)
+        train = to_inputs(pixels, job.spec)
+        train = train[[i for i, x in enumerate(train) if x.tobytes() not in seen]]
+        floats = sensitivity_ranking(job)[:keep]
+        job._finetuned[keep] = qat.finetune(job.model, calib, train, val, float_modules=floats,
+                                            steps=job.cfg.int8_finetune_steps)
+    return job._finetuned[keep]
 
 
 def sensitivity_ranking(job) -> list[str]:
@@ -91,7 +115,7 @@ def sensitivity_ranking(job) -> list[str]:
     for name, module in layers:
         lo, hi = ranges[name]
         scale = max(hi - lo, 1e-8) / 255
-        zero = int(round(-lo / scale))
+        zero = round(-lo / scale)
         handle = module.register_forward_pre_hook(
             lambda _, args, s=scale, z=zero: (torch.fake_quantize_per_tensor_affine(args[0], s, z, 0, 255),))
         weight = module.weight.data
