@@ -178,6 +178,15 @@ def runtime_missing(manifest: dict) -> str:
     return "" if importlib.util.find_spec(module) else f"needs the {module!r} runtime, which is not installed here"
 
 
+def parity_failure(manifest: dict) -> str:
+    """Why a bundle must not be offered: it failed the export's parity gate (it disagrees with the student)."""
+    parity = manifest.get("parity") or {}
+    if parity.get("passed") is not False:
+        return ""
+    return (f"failed its parity check at export (top-1 agreement {parity.get('top1_agreement', 0):.3f} < "
+            f"{parity.get('threshold')})")
+
+
 class DemoModels:
     """What a run folder or a bundle folder offers the page: student backends, the teacher, the classes."""
 
@@ -227,7 +236,7 @@ class DemoModels:
                 continue
             folder = file.parent
             choices[label] = BackendChoice(label, Lazy(lambda folder=folder: BundleStudent(folder)),
-                                           runtime_missing(manifest))
+                                           parity_failure(manifest) or runtime_missing(manifest))
         return choices
 
     @property

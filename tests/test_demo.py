@@ -417,3 +417,24 @@ def test_unknown_folder_is_refused_before_serving(tmp_path):
     from edgedistill import cli
 
     assert cli.main(["demo", str(tmp_path)]) == 2
+
+
+def test_bundle_that_failed_parity_is_not_offered(closed_run, tmp_path):
+    """A bundle the export marked as disagreeing with the student is listed as unavailable, with the reason."""
+    import json
+    import shutil
+
+    from edgedistill.demo.models import DemoModels
+
+    if not has_onnx():
+        pytest.skip("needs onnx and onnxruntime (pip install 'edgedistill[onnx]')")
+    run = tmp_path / "run"
+    shutil.copytree(closed_run, run)
+    manifest_file = run / "export" / "onnx-fp32" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["parity"].update(passed=False, top1_agreement=0.5)
+    manifest_file.write_text(json.dumps(manifest))
+    models = DemoModels(run)
+    assert models.usable_backends == ["PyTorch"]
+    (reason,) = [b.unavailable for b in models.backends.values() if b.unavailable]
+    assert "failed its parity check" in reason and "0.500" in reason
