@@ -34,8 +34,7 @@ class ExportJob:
     _calibration: tuple | None = None
     _onnx: Path | None = None
     _sensitivity: list | None = None   # quantize.sensitivity_ranking, computed once per job
-    _finetuned: dict = field(default_factory=dict)   # keep -> (INT8-aware fine-tuned student, info)
-    _finetuned_onnx: dict = field(default_factory=dict)   # keep -> its FP32 ONNX graph
+    _finetuned: dict = field(default_factory=dict)   # keep -> (INT8-aware fine-tuned student's ONNX, its record)
 
     @classmethod
     def create(cls, run_dir: Path, cfg) -> "ExportJob":
@@ -93,12 +92,12 @@ class ExportJob:
 
         if not finetune:
             return self.onnx_fp32(), None
-        model, info = finetuned_student(self, keep)
-        if keep not in self._finetuned_onnx:
+        if keep not in self._finetuned:   # minutes of training: once per job, shared by every backend
+            model, info = finetuned_student(self, keep)
             path = self.out_root / ".work" / f"model-int8-finetuned-{keep}.onnx"
-            self._finetuned_onnx[keep] = export_onnx(model, path, int(self.spec["size"]), self.cfg.opset,
-                                                     self.cfg.dynamic_batch, self.cfg.simplify)
-        return self._finetuned_onnx[keep], info
+            self._finetuned[keep] = (export_onnx(model, path, int(self.spec["size"]), self.cfg.opset,
+                                                 self.cfg.dynamic_batch, self.cfg.simplify), info)
+        return self._finetuned[keep]
 
 
 def output_meaning(student) -> dict:

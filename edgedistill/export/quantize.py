@@ -60,22 +60,19 @@ def finetuned_student(job, keep: int):
     """The student INT8-aware fine-tuned with its ``keep`` most sensitive layers left float; (model, info).
 
     Trains on calibration-pool images, picks the step that does best on ``validation_set`` (held out from
-    training and calibration), never looks at the parity images. Computed once per job and ``keep``.
+    training and calibration), never looks at the parity images. ``ExportJob.source_onnx`` caches the result.
     """
     from . import qat
     from .images import to_inputs
 
-    if keep not in job._finetuned:
-        calib, _ = job.calibration()
-        val, _ = validation_set(job)
-        seen = {v.tobytes() for v in val}
-        pixels, _ = calibration_set(job.run_dir, job.split, job.spec, FINETUNE_IMAGES, seed=2)
-        train = to_inputs(pixels, job.spec)
-        train = train[[i for i, x in enumerate(train) if x.tobytes() not in seen]]
-        floats = sensitivity_ranking(job)[:keep]
-        job._finetuned[keep] = qat.finetune(job.model, calib, train, val, float_modules=floats,
-                                            steps=job.cfg.int8_finetune_steps)
-    return job._finetuned[keep]
+    calib, _ = job.calibration()
+    val, _ = validation_set(job)
+    seen = {v.tobytes() for v in val}
+    pixels, _ = calibration_set(job.run_dir, job.split, job.spec, FINETUNE_IMAGES, seed=2)
+    train = to_inputs(pixels, job.spec)
+    train = train[[i for i, x in enumerate(train) if x.tobytes() not in seen]]
+    return qat.finetune(job.model, calib, train, val, float_modules=sensitivity_ranking(job)[:keep],
+                        steps=job.cfg.int8_finetune_steps)
 
 
 def sensitivity_ranking(job) -> list[str]:
