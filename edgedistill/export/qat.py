@@ -18,6 +18,8 @@ import logging
 
 import numpy as np
 
+from .parity import pytorch_scores
+
 log = logging.getLogger(__name__)
 
 
@@ -33,30 +35,40 @@ class _Ranges:
         self.values[key] = (min(lo, float(t.min())), max(hi, float(t.max())))
 
     def fake_quant(self, key, t):
-        import torch
-
         if self.observing:
             self.update(key, t)
             return t
-        lo, hi = self.values[key]
-        scale = max(hi - lo, 1e-8) / 255
-        return torch.fake_quantize_per_tensor_affine(t, scale, round(-lo / scale), 0, 255)
+        return fake_quant_uint8(t, *self.values[key])
+
+
+def fake_quant_uint8(t, lo: float, hi: float):
+    """``t`` through per-tensor asymmetric uint8 over [lo, hi] (straight-through): an activation as both backends
+    quantize it."""
+    import torch
+
+    scale = max(hi - lo, 1e-8) / 255
+    return torch.fake_quantize_per_tensor_affine(t, scale, round(-lo / scale), 0, 255)
+
+
+def fake_quant_weight(w):
+    """``w`` through per-output-channel symmetric int8, scale = max|w| / 127 (straight-through)."""
+    import torch
+
+    amax = w.detach().abs().flatten(1).amax(1).clamp(min=1e-12)
+    return torch.fake_quantize_per_channel_affine(w, amax / 127, torch.zeros_like(amax, dtype=torch.int32), 0, -128,
+                                                  127)
 
 
 def _weight_int8():
-    """A weight parametrization: per-output-channel symmetric int8 (scale = max|w| / 127), straight-through.
-    ``enabled = False`` passes the float weight (calibration sees the float model, as the backend's will)."""
+    """A weight parametrization through ``fake_quant_weight``. ``enabled = False`` passes the float weight
+    (calibration sees the float model, as the backend's will)."""
     import torch
 
     class WeightInt8(torch.nn.Module):
         enabled = True
 
         def forward(self, w):
-            if not self.enabled:
-                return w
-            amax = w.detach().abs().flatten(1).amax(1).clamp(min=1e-12)
-            zero = torch.zeros_like(amax, dtype=torch.int32)
-            return torch.fake_quantize_per_channel_affine(w, amax / 127, zero, 0, -128, 127)
+            return fake_quant_weight(w) if self.enabled else w
     return WeightInt8()
 
 
@@ -123,17 +135,9 @@ def calibrate(model, ranges: _Ranges, x: np.ndarray, batch: int = 32):
         ranges.set_weights(True)
 
 
-def scores(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return np.concatenate([model(torch.from_numpy(x[i:i + batch])).float().numpy()
-                               for i in range(0, len(x), batch)])
-
-
 def held_out_quality(tuned, val: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
     """(top-1 agreement, -KL) of simulated INT8 against the float scores: higher is better, agreement first."""
-    out = scores(tuned, val)
+    out = pytorch_scores(tuned, val)
     p = np.exp(reference - reference.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     log_q = out - out.max(1, keepdims=True)
@@ -163,7 +167,7 @@ def finetune(model, calib: np.ndarray, train: np.ndarray, val: np.ndarray, float
     tuned = copy.deepcopy(model).eval()   # eval: BatchNorm statistics and dropout stay as exported
     ranges, undo = simulate_int8(tuned, float_modules)
     try:
-        reference_scores = scores(model, val)
+        reference_scores = pytorch_scores(model, val)
         calibrate(tuned, ranges, calib)
         before = held_out_quality(tuned, val, reference_scores)
         params = [p for p in tuned.parameters() if p.requires_grad]

@@ -85,6 +85,8 @@ def sensitivity_ranking(job) -> list[str]:
     """
     import torch
 
+    from .qat import fake_quant_uint8, fake_quant_weight
+
     if job._sensitivity is not None:
         return job._sensitivity
     model = job.model
@@ -110,15 +112,10 @@ def sensitivity_ranking(job) -> list[str]:
         reference = model(x)
     errors = {}
     for name, module in layers:
-        lo, hi = ranges[name]
-        scale = max(hi - lo, 1e-8) / 255
-        zero = round(-lo / scale)
         handle = module.register_forward_pre_hook(
-            lambda _, args, s=scale, z=zero: (torch.fake_quantize_per_tensor_affine(args[0], s, z, 0, 255),))
+            lambda _, args, r=ranges[name]: (fake_quant_uint8(args[0], *r),))
         weight = module.weight.data
-        amax = weight.abs().flatten(1).amax(1).clamp(min=1e-12)
-        module.weight.data = torch.fake_quantize_per_channel_affine(
-            weight, amax / 127, torch.zeros_like(amax, dtype=torch.int32), 0, -128, 127)
+        module.weight.data = fake_quant_weight(weight)
         try:
             with torch.inference_mode():
                 errors[name] = float((model(x) - reference).abs().mean())
