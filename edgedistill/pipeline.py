@@ -16,6 +16,7 @@ Run folder layout::
 A finished stage whose fingerprint matches is reused; a changed setting reruns that stage and what follows it.
 """
 import dataclasses
+import io
 import logging
 import time
 from pathlib import Path
@@ -25,17 +26,20 @@ import torch
 
 from . import distributed
 from .data import make_split
-from .data.cache import FeatureCache
-from .evaluate import agreement, classification_metrics, gflops, plot_confusion
+from .data.cache import FeatureCache, RealViews
+from .evaluate import agreement, classification_metrics, gflops, params_used, plot_confusion
 from .recipe import Recipe, RecipeError, dump_recipe, to_plain
 from .students import LogitsOnly, build_student, save_student, student_input_spec
 from .teachers import Teacher, ZeroShotHead, build_teacher, make_probe_head
 from .train import DistillSet, GlobalBatchSampler, TeacherTargets, predict, train
-from .utils import atomic_torch_save, atomic_write_text, fingerprint, read_json, write_json
+from .utils import atomic_torch_save, atomic_write_bytes, atomic_write_text, fingerprint, read_json, write_json
 
 log = logging.getLogger(__name__)
-# Part of the training stages' keys: bump it when a fix changes what training produces from the same recipe.
-TRAIN_VERSION = 2
+# Part of every stage's key: bump a stage's number when a fix changes what it computes from the same inputs, so a
+# run folder made by older code is recomputed rather than silently reused.
+STAGE_VERSIONS = {"split": 2, "features": 2, "views": 1, "probe": 2, "synth": 2, "distill": 3, "baseline": 3,
+                  "evaluate": 3, "export": 2, "bench": 2}
+SHARED_STAGES = ("split", "features", "probe", "synth")  # independent of the student and of the seed
 
 
 class Run:
@@ -52,10 +56,11 @@ class Run:
         self._teacher: Teacher | None = None
         self.keys: dict = {}
         self.timings: dict = {}
+        self.reused: list = []
 
     # -- stage bookkeeping
     def stage_file(self, name: str) -> Path:
-        base = self.shared if name in ("split", "features", "probe", "synth") else self.dir
+        base = self.shared if name in SHARED_STAGES else self.dir
         return base / "stages" / f"{name}.json"
 
     def finished(self, name: str, key: str) -> dict | None:
@@ -67,12 +72,17 @@ class Run:
         return None
 
     def stage(self, name: str, key: str, fn) -> dict:
-        """Run ``fn`` unless the stage already finished with this key; only rank 0 computes shared stages."""
+        """Run ``fn`` unless the stage already finished with this key; only rank 0 computes shared stages.
+
+        The key is extended with the stage's code version. A reused stage reports the seconds it took when it ran.
+        """
+        key = fingerprint([name, STAGE_VERSIONS[name], key])
         self.keys[name] = key
         info = self.finished(name, key)
         if info is not None:
             log.info("stage %-9s reused (key %s)", name, key)
-            self.timings[name] = "reused"
+            self.timings[name] = info.get("seconds", 0.0)
+            self.reused.append(name)
             return info["summary"]
         t0 = time.perf_counter()
         log.info("stage %-9s running (key %s)", name, key)
@@ -107,28 +117,33 @@ def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dic
     head = stage_head(run, split, feats)
     synth = stage_synth(run, split, feats) if recipe.synthetic is not None else None
 
-    # 3. Training stages, per seed.
-    results = []
+    # 3. Training stages, per seed (each seed its own augmented views, initialisation, order and dropout).
+    results, seed_runs = [], []
     for k in range(seeds):
         seed_run = with_seed(run, k) if seeds > 1 else run
-        student = stage_distill(seed_run, split, feats, head, synth)
-        baseline = stage_baseline(seed_run, split) if recipe.baseline else None
+        seed_runs.append(seed_run)
+        views = stage_views(seed_run, split, feats)
+        student = stage_distill(seed_run, split, feats, views, head, synth)
+        baseline = stage_baseline(seed_run, split, feats, synth) if recipe.baseline else None
         results.append(stage_evaluate(seed_run, split, feats, head, student, baseline, synth))
     metrics = combine_seeds(run, results) if seeds > 1 else results[0]
 
-    # 4. Export and benchmark when the recipe asks for them.
+    # 4. Export and benchmark when the recipe asks for them: the first seed's student (its own run folder).
+    first = seed_runs[0]
     if distributed.is_main() and recipe.export is not None:
         from .export import export_run
 
-        run.stage("export", fingerprint([run.keys["evaluate"], to_plain(recipe.export)]),
-                  lambda: {"bundles": [str(p) for p in export_run(out, cfg=recipe.export) or []]})
+        first.stage("export", fingerprint([first.keys["evaluate"], to_plain(recipe.export)]),
+                    lambda: {"bundles": [str(p) for p in export_run(first.dir, cfg=recipe.export) or []]})
     if distributed.is_main() and recipe.bench is not None:
         from .bench import bench_run
 
-        run.stage("bench", fingerprint([run.keys.get("export"), run.keys["evaluate"], to_plain(recipe.bench)]),
-                  lambda: {"rows": len(bench_run(out, recipe.bench) or [])})
+        first.stage("bench", fingerprint([first.keys.get("export"), first.keys["evaluate"], to_plain(recipe.bench)]),
+                    lambda: {"rows": len(bench_run(first.dir, recipe.bench) or [])})
     if distributed.is_main():
-        metrics["timings"] = {**run.timings, "total_seconds": round(time.perf_counter() - t0, 1)}
+        if seeds > 1 and (recipe.export is not None or recipe.bench is not None):
+            metrics["exported_seed"] = str(first.dir)
+        metrics["timings"] = stage_timings(seed_runs, time.perf_counter() - t0)
         write_json(out / "metrics.json", metrics)
         write_report(run, metrics, split)
         print_summary(out, metrics)
@@ -136,14 +151,30 @@ def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dic
     return metrics
 
 
+def stage_timings(runs: list, elapsed: float) -> dict:
+    """Seconds each stage took when it was computed (kept when a re-run reuses it), their sum, and this call's."""
+    seconds, reused = {}, []
+    for r in runs:
+        prefix = f"{r.dir.name}/" if len(runs) > 1 and r.dir.name.startswith("seed-") else ""
+        for name, sec in r.timings.items():
+            seconds.setdefault(name if name in SHARED_STAGES else prefix + name, sec)
+        reused += [n if n in SHARED_STAGES else prefix + n for n in r.reused]
+    return {"stages_seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),
+            "reused": sorted(set(reused)), "this_run_seconds": round(elapsed, 1)}
+
+
 def validate_for_run(recipe: Recipe):
     """Combinations that only make sense together, checked before any work."""
     if recipe.teacher.head == "zeroshot" and recipe.teacher.name not in ("clip", "tiny-clip"):
         raise RecipeError(f"Recipe key 'teacher.head' is 'zeroshot' but teacher {recipe.teacher.name!r} has no text "
                           "encoder; use head: linear or mlp")
-    if (recipe.data.mixup or recipe.data.cutmix) and recipe.train.teacher != "online":
-        raise RecipeError("Recipe key 'data.mixup' needs 'train.teacher: online' (the teacher must see the mixed "
-                          "image); set train.teacher=online or data.mixup=0")
+    for mix in ("mixup", "cutmix"):
+        if getattr(recipe.data, mix) and recipe.train.teacher != "online":
+            raise RecipeError(f"Recipe key 'data.{mix}' needs 'train.teacher: online' (the teacher must see the mixed "
+                              f"image); set train.teacher=online or data.{mix}=0")
+    if recipe.train.eval_every and recipe.data.val_fraction <= 0:
+        raise RecipeError("Recipe key 'train.eval_every' evaluates on the validation split, which is empty: set "
+                          "data.val_fraction (e.g. 0.1) or train.eval_every=0")
     if not recipe.data.real_train and recipe.synthetic is None:
         raise RecipeError("Recipe key 'data.real_train' is false but the recipe has no 'synthetic' section: "
                           "there would be nothing to train on")
@@ -179,8 +210,13 @@ def with_seed(run: Run, k: int) -> Run:
     train = dataclasses.replace(run.recipe.train, seed=run.recipe.train.seed + k)
     recipe = dataclasses.replace(run.recipe, train=train)
     seeded = Run(run.dir / f"seed-{k}", recipe, run.shared)
-    seeded._teacher, seeded.keys, seeded.timings = run._teacher, dict(run.keys), run.timings
-    seeded.device = run.device
+    seeded._teacher, seeded.keys, seeded.timings = run._teacher, dict(run.keys), dict(run.timings)
+    seeded.reused, seeded.device = list(run.reused), run.device
+    if distributed.is_main():  # export, demo and bench read a seed's folder like any run folder
+        seeded.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(seeded.dir / "recipe.yaml", dump_recipe(recipe))
+        if (run.shared / "split.json").exists():
+            write_json(seeded.dir / "split.json", read_json(run.shared / "split.json"))
     return seeded
 
 
@@ -190,7 +226,8 @@ def with_seed(run: Run, k: int) -> Run:
 
 def stage_split(run: Run) -> dict:
     d = run.recipe.data
-    key = fingerprint([d.dataset, d.root, d.classes, d.test_fraction, d.val_fraction, d.max_per_class, d.split_seed])
+    key = fingerprint([d.dataset, d.root, d.classes, d.test_fraction, d.val_fraction, d.max_per_class, d.split_seed,
+                       folder_listing(d)])
     path = run.shared / "split.json"
 
     def compute():
@@ -210,52 +247,101 @@ def stage_split(run: Run) -> dict:
     return split
 
 
+def folder_listing(d) -> str:
+    """A fingerprint of the image files (relative path and size) under an image folder: added, removed or replaced
+    images make a new split. Datasets fetched by name are fixed releases and are keyed by their name alone."""
+    if d.dataset == "imagefolder":
+        root = Path(d.root).expanduser()
+    elif d.dataset == "conformal-clip-data":
+        import conformal_clip_data
+
+        root = Path(conformal_clip_data.textile_simulated_root())
+    else:
+        return ""
+    if not root.is_dir():
+        return "missing"
+    from .data import IMAGE_EXTENSIONS
+
+    files = sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return fingerprint(files)
+
+
 def teacher_key(recipe: Recipe) -> str:
     t = recipe.teacher
     return fingerprint([t.name, t.arch, t.pretrained, t.image_size, t.n_cls_blocks, t.avgpool, t.pool, t.width,
                         t.depth, t.embed_dim])
 
 
-def open_caches(run: Run, split: dict, tdim: int) -> dict:
-    """The real-image caches: train (all fixed views) and eval (val + test, un-augmented view only)."""
+def open_caches(run: Run, split: dict, tdim: int, crop: float) -> dict:
+    """The shared real-image caches, un-augmented view only: train and eval (val + test)."""
     d, tkey = run.recipe.data, teacher_key(run.recipe)
     out = {}
-    groups = {"train": (split["train"], d.views), "eval": (split["val"] + split["test"], 1)}
-    for name, (items, views) in groups.items():
-        meta = {"teacher": tkey, "augment": d.augment, "crop_pct": d.crop_pct, "keys": fingerprint(items)}
-        folder = run.shared / "cache" / f"{name}-{fingerprint(meta)}"
-        out[name] = FeatureCache(folder, [p for p, _ in items], views, tdim, meta)
+    for name, items in {"train": split["train"], "eval": split["val"] + split["test"]}.items():
+        meta = {"teacher": tkey, "crop_pct": crop, "keys": fingerprint(items),
+                "version": STAGE_VERSIONS["features"]}
+        out[name] = FeatureCache(run.shared / "cache" / f"{name}-{fingerprint(meta)}", [p for p, _ in items], 1,
+                                 tdim, meta)
     return out
 
 
-def eval_crop(run: Run, spec) -> float:
-    return run.recipe.data.crop_pct or spec.crop_pct
+def view_crop(run: Run, teacher_input: dict) -> float:
+    """The centre-crop fraction of every view, the teacher's and the student's alike: ``data.crop_pct``, else the
+    teacher's own default (its cached features were computed on that view, so the student must see it too)."""
+    return run.recipe.data.crop_pct or teacher_input["crop_pct"]
 
 
 def stage_features(run: Run, split: dict) -> dict:
-    """Teacher features of every fixed view, computed once (train views only when real images are trained on)."""
+    """Teacher features of the un-augmented view of every image, computed once and shared by every seed (train
+    images only when real images are trained on); augmented views are each seed's own (``stage_views``)."""
     r = run.recipe
-    key = fingerprint([run.keys["split"], teacher_key(r), r.data.views, r.data.augment, r.data.crop_pct,
-                       r.data.real_train])
+    key = fingerprint([run.keys["split"], teacher_key(r), r.data.crop_pct, r.data.real_train])
 
     def compute():
         t = run.teacher()
-        caches = open_caches(run, split, t.feature_dim)
-        crop = r.data.crop_pct or t.info.input.crop_pct
+        crop = view_crop(run, t.info.input.to_dict())
+        caches = open_caches(run, split, t.feature_dim, crop)
         groups = [("eval", split["val"] + split["test"])] + ([("train", split["train"])] if r.data.real_train else [])
         for name, items in groups:
             n = caches[name].fill(t, items, r.data.augment, crop, r.teacher.batch_size, r.data.num_workers,
                                   run.device, desc=f"teacher features ({name})")
             log.info("teacher features (%s): %d computed, %d reused", name, n, caches[name].done.size - n)
-        return {"dim": t.feature_dim, "input": t.info.input.to_dict(), "gflops": gflops(t.flops_model(),
-                t.info.input.size), "params_m": sum(p.numel() for p in t.parameters()) / 1e6,
+        return {"dim": t.feature_dim, "input": t.info.input.to_dict(), "crop_pct": crop,
+                "gflops": gflops(t.flops_model(), t.info.input.size),
+                "params_m": params_used(t.flops_model(), t.info.input.size) / 1e6,
                 "info": {"name": t.info.name, "arch": t.info.arch, "weights": t.info.weights,
                          "licence": t.info.licence}}
 
     run.stage("features", key, compute if distributed.is_main() else dict)
     distributed.barrier()
     summary = read_json(run.stage_file("features"))["summary"]
-    return {**summary, "caches": open_caches(run, split, summary["dim"])}
+    return {**summary, "caches": open_caches(run, split, summary["dim"], summary["crop_pct"])}
+
+
+def stage_views(run: Run, split: dict, feats: dict) -> RealViews | None:
+    """Teacher features of this seed's augmented views of the real training images (views 1 .. data.views - 1)."""
+    r = run.recipe
+    if not r.data.real_train:
+        return None
+    base = feats["caches"]["train"]
+    if r.data.views < 2:
+        return RealViews(base, None)
+    meta = {"teacher": teacher_key(r), "crop_pct": feats["crop_pct"], "augment": r.data.augment,
+            "seed": r.train.seed, "keys": fingerprint(split["train"]), "version": STAGE_VERSIONS["views"]}
+    folder = run.shared / "cache" / f"train-views-{fingerprint(meta)}"
+    key = fingerprint([run.keys["features"], meta, r.data.views])
+
+    def compute():
+        cache = FeatureCache(folder, [p for p, _ in split["train"]], r.data.views - 1, feats["dim"], meta)
+        n = cache.fill(run.teacher(), split["train"], r.data.augment, feats["crop_pct"], r.teacher.batch_size,
+                       r.data.num_workers, run.device, desc="teacher features (augmented views)", salt=r.train.seed,
+                       first_view=1)
+        log.info("teacher features (augmented views): %d computed", n)
+        return {"views": r.data.views - 1, "seed": r.train.seed}
+
+    run.stage("views", key, compute if distributed.is_main() else dict)
+    distributed.barrier()
+    return RealViews(base, FeatureCache(folder, [p for p, _ in split["train"]], r.data.views - 1, feats["dim"], meta))
 
 
 def class_prompt_names(recipe: Recipe, classes) -> list[str]:
@@ -344,10 +430,25 @@ def stage_synth(run: Run, split: dict, feats: dict) -> dict:
 # Training stages
 
 
-def student_spec(run: Run):
-    spec = student_input_spec(run.recipe)
-    spec.crop_pct = eval_crop(run, spec)
+def student_spec(run: Run, feats: dict, backbone=None):
+    """The student's preprocessing, cropped exactly as the teacher's views were (``view_crop``)."""
+    spec = student_input_spec(run.recipe, backbone)
+    spec.crop_pct = feats["crop_pct"]
     return spec
+
+
+def validation_hook(run: Run, split: dict, spec):
+    """``train``'s per-epoch evaluation: top-1 on the validation split (never the test split), or None."""
+    if not run.recipe.train.eval_every or not split["val"]:
+        return None
+    labels = torch.tensor([y for _, y in split["val"]])
+
+    def evaluate(model, epoch):
+        out = predict(model, split["val"], spec.to_dict(), spec.crop_pct, run.recipe.train.batch_size, run.device,
+                      desc=f"validate {epoch}")
+        model.train()
+        return {"val_top1": 100.0 * (out["logits"].argmax(1) == labels).float().mean().item()}
+    return evaluate
 
 
 def synth_split(run: Run, synth: dict | None) -> tuple[list, list]:
@@ -364,37 +465,43 @@ def distill(run: Run, split: dict, feats: dict, head, items: list, targets: Teac
             folder: Path, key: str):
     """Train the recipe's student on ``items`` (real first, then synthetic) against the teacher; returns its log."""
     r = run.recipe
-    spec = student_spec(run)
     text = head.text if r.eval.zero_shot and isinstance(head, ZeroShotHead) else None
     model = build_student(r, len(split["classes"]), feats["dim"], text)
+    spec = student_spec(run, feats, model.backbone)
     online = r.train.teacher == "online"
     dataset = DistillSet(items, spec.to_dict(), feats["input"], r.data.augment, r.data.views, spec.crop_pct,
-                         r.train.seed, online=online)
+                         r.train.seed, online=online, n_real=n_real)
     sampler = GlobalBatchSampler(n_real, len(items) - n_real, r.train.batch_size, r.train.seed, r.train.real_fraction)
     rows = train(model, dataset, sampler, r.train, r.loss, folder, key, teacher=TeacherForTraining(run, head),
                  targets=targets, workers=r.data.num_workers, desc="distill", device=run.device, mixup=r.data.mixup,
-                 num_classes=len(split["classes"]))
+                 cutmix=r.data.cutmix, num_classes=len(split["classes"]), evaluate=validation_hook(run, split, spec))
     return model, spec, rows
 
 
-def stage_distill(run: Run, split: dict, feats: dict, head, synth) -> dict:
+def training_items(run: Run, split: dict, views: RealViews | None, synth) -> tuple[list, TeacherTargets, int]:
+    """What the student trains on: (items, their teacher features, how many are real); real images first."""
+    items, targets = [], TeacherTargets()
+    if run.recipe.data.real_train:
+        items += [tuple(it) for it in split["train"]]
+        targets.add(views, np.arange(len(split["train"])))
+    n_real = len(items)
+    if synth is not None:
+        keep, _ = synth_split(run, synth)
+        items += [synth["items"][i] for i in keep]
+        targets.add(synth["cache"], [synth["rows"][i] for i in keep])
+    return items, targets, n_real
+
+
+def stage_distill(run: Run, split: dict, feats: dict, views, head, synth) -> dict:
     r = run.recipe
-    key = fingerprint([TRAIN_VERSION, run.keys["probe"], run.keys.get("synth"), to_plain(r.student),
+    key = fingerprint([run.keys["probe"], run.keys.get("views"), run.keys.get("synth"), to_plain(r.student),
                        to_plain(r.loss), to_plain(r.train), r.data.augment, r.data.views, r.data.mixup,
-                       r.data.image_size,
-                       r.data.crop_pct, r.data.real_train, r.eval.zero_shot, r.eval.synthetic_holdout])
+                       r.data.cutmix, r.data.image_size, r.data.crop_pct, r.data.real_train, r.eval.zero_shot,
+                       r.eval.synthetic_holdout])
     folder = run.dir / "student"
 
     def compute():
-        items, targets = [], TeacherTargets()
-        if r.data.real_train:
-            items += [tuple(it) for it in split["train"]]
-            targets.add(feats["caches"]["train"], np.arange(len(split["train"])))
-        n_real = len(items)
-        if synth is not None:
-            keep, _ = synth_split(run, synth)
-            items += [synth["items"][i] for i in keep]
-            targets.add(synth["cache"], [synth["rows"][i] for i in keep])
+        items, targets, n_real = training_items(run, split, views, synth)
         model, spec, rows = distill(run, split, feats, head, items, targets, n_real, folder, key)
         if distributed.is_main():
             extra = {"teacher": feats["info"], "generator": synth_generator_info(r)}
@@ -402,7 +509,7 @@ def stage_distill(run: Run, split: dict, feats: dict, head, synth) -> dict:
         return {"epochs": len(rows), "last": rows[-1] if rows else {}}
 
     summary = run.stage("distill", key, compute)
-    return {"key": key, "folder": folder, "summary": summary}
+    return {"key": run.keys["distill"], "folder": folder, "summary": summary}
 
 
 def synth_generator_info(recipe: Recipe):
@@ -433,30 +540,36 @@ class TeacherForTraining:
         return self
 
 
-def stage_baseline(run: Run, split: dict) -> dict:
-    """The same student, same data and budget, cross-entropy only: what the teacher is worth."""
+def stage_baseline(run: Run, split: dict, feats: dict, synth) -> dict:
+    """The same student trained on the real labelled images with cross-entropy only: what the teacher is worth.
+
+    Equal budget: as many optimiser steps of as many images as the distilled student gets, also when synthetic
+    images enlarge the distillation epoch (the real images are then repeated); the same views and augmentation.
+    """
     r = run.recipe
-    key = fingerprint([TRAIN_VERSION, run.keys["split"], to_plain(r.student), to_plain(r.train), r.data.augment,
-                       r.data.views,
-                       r.data.image_size, r.data.crop_pct, r.loss.label_smoothing])
+    n_synth = len(synth_split(run, synth)[0]) if synth is not None else 0
+    n_real = len(split["train"]) if r.data.real_train else 0
+    budget = GlobalBatchSampler(n_real, n_synth, r.train.batch_size, r.train.seed, r.train.real_fraction).epoch_size()
+    key = fingerprint([run.keys["features"], to_plain(r.student), to_plain(r.train), r.data.augment, r.data.views,
+                       r.data.image_size, r.data.crop_pct, r.loss.label_smoothing, budget])
     folder = run.dir / "baseline"
 
     def compute():
-        spec = student_spec(run)
         model = build_student(r, len(split["classes"]), 0, baseline=True)
+        spec = student_spec(run, feats, model.backbone)
         items = [tuple(it) for it in split["train"]]
         dataset = DistillSet(items, spec.to_dict(), None, r.data.augment, r.data.views, spec.crop_pct,
-                             r.train.seed, online=False)
-        sampler = GlobalBatchSampler(len(items), 0, r.train.batch_size, r.train.seed)
+                             r.train.seed, online=r.train.teacher == "online")
+        sampler = GlobalBatchSampler(len(items), 0, r.train.batch_size, r.train.seed, epoch_size=budget)
         weights = dataclasses.replace(r.loss, ce=1.0, kd=0.0, hard_kd=0.0, feature_l2=0.0, align_uniform=0.0)
         rows = train(model, dataset, sampler, r.train, weights, folder, key, workers=r.data.num_workers,
-                     desc="baseline", device=run.device)
+                     desc="baseline", device=run.device, evaluate=validation_hook(run, split, spec))
         if distributed.is_main():
             save_student(folder / "model.pt", model.cpu(), r, split["classes"], spec, {"baseline": True})
         return {"epochs": len(rows), "last": rows[-1] if rows else {}}
 
     summary = run.stage("baseline", key, compute)
-    return {"key": key, "folder": folder, "summary": summary}
+    return {"key": run.keys["baseline"], "folder": folder, "summary": summary}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -483,7 +596,8 @@ def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, base
         t_logits = head(t_feat)
         metrics = {"recipe": r.name, "classes": classes, "n_test": len(test),
                    "teacher": {**classification_metrics(t_logits, labels, classes, tk), "gflops": feats["gflops"],
-                               "params_m": feats["params_m"], **feats["info"]}}
+                               "params_m": feats["params_m"] + sum(p.numel() for p in head.parameters()) / 1e6,
+                               **feats["info"]}}
         loaded = {}
         for name, stage in (("student", student), ("baseline", baseline)):
             if stage is None:
@@ -534,7 +648,7 @@ def evaluate_robustness(run: Run, test: list, head, student, blob: dict) -> dict
     labels = [y for _, y in items]
     teacher, sspec = run.teacher(), blob["input"]
     tspec = teacher.info.input.to_dict()
-    crop = eval_crop(run, teacher.info.input)
+    crop = view_crop(run, tspec)
     # The un-augmented view once, at 224 px; corruptions act on what both models then resize.
     images = [view_image(path, "none", None, crop).resize((224, 224)) for path, _ in items]
 
@@ -601,23 +715,26 @@ def evaluate_spurious(run: Run, split: dict, feats: dict, head, distill_key: str
     sets = {"train": (split["train"], [y for _, y in split["train"]]), "cue": (split["test"], test_labels),
             "shuffled": (split["test"], list(robustness.shuffled_labels_for_cue(test_labels, rng)))}
     paths = {}
-    for name, (items, cues) in sets.items():  # 1. cued copies of the images
+    for name, (items, cues) in sets.items():  # 1. cued copies, each named by what it depicts, written atomically
         paths[name] = []
-        for i, ((path, y), cue) in enumerate(zip(items, cues)):
-            out = folder / name / f"{i:06d}.png"
+        for (path, y), cue in zip(items, cues):
+            out = folder / "images" / f"{fingerprint([path, int(cue), K, r.eval.spurious])}.png"
             if not out.exists():
-                out.parent.mkdir(parents=True, exist_ok=True)
-                robustness.add_cue(load_rgb(path), int(cue), K, kind=r.eval.spurious).save(out)
+                buf = io.BytesIO()
+                robustness.add_cue(load_rgb(path), int(cue), K, kind=r.eval.spurious).save(buf, format="PNG")
+                atomic_write_bytes(out, buf.getvalue())
             paths[name].append((str(out), y))
-    # 2. Teacher features of the cued images, then a student distilled on the cued training images.
-    teacher, crop = run.teacher(), eval_crop(run, run.teacher().info.input)
+    # 2. Teacher features of the cued images (augmented views under the seed, as the student draws them), then a
+    #    student distilled on the cued training images.
+    teacher, crop = run.teacher(), feats["crop_pct"]
     caches = {}
     for name, items in paths.items():
         views = r.data.views if name == "train" else 1
-        meta = {"teacher": teacher_key(r), "spurious": r.eval.spurious, "augment": r.data.augment, "crop_pct": crop}
+        meta = {"teacher": teacher_key(r), "spurious": r.eval.spurious, "augment": r.data.augment, "crop_pct": crop,
+                "seed": r.train.seed, "keys": fingerprint(items), "version": STAGE_VERSIONS["features"]}
         caches[name] = FeatureCache(folder / "cache" / name, [p for p, _ in items], views, teacher.feature_dim, meta)
         caches[name].fill(teacher, items, r.data.augment, crop, r.teacher.batch_size, device=run.device,
-                          desc=f"teacher features (cued {name})")
+                          desc=f"teacher features (cued {name})", salt=r.train.seed)
     targets = TeacherTargets()
     targets.add(caches["train"], np.arange(len(paths["train"])))
     model, spec, _ = distill(run, split, feats, head, paths["train"], targets, len(paths["train"]),
@@ -637,20 +754,34 @@ def evaluate_spurious(run: Run, split: dict, feats: dict, head, distill_key: str
 
 
 def combine_seeds(run: Run, results: list[dict]) -> dict:
-    from .stats import aggregate_metrics
+    """One metrics dict over seeds: every model's figures are means over seeds (per-class accuracy included), with
+    Student-t intervals under ``seeds``; confusion matrices are summed over seeds."""
+    from .stats import INTERVAL, aggregate_metrics
 
-    keep = [{k: v for k, v in m.items() if k in ("teacher", "student", "baseline")} for m in results]
-    for m in keep:
-        for v in m.values():
-            for drop in ("per_class", "confusion", "name", "arch", "weights", "licence", "model"):
-                v.pop(drop, None)
+    models = [n for n in ("teacher", "student", "baseline") if n in results[0]]
+    keep = [{n: {k: v for k, v in m[n].items() if k not in ("per_class", "confusion", "name", "arch", "weights",
+                                                             "licence", "model")} for n in models} for m in results]
     metrics = dict(results[0])
     metrics["seeds"] = aggregate_metrics(keep)
-    for name in ("student", "baseline"):
-        if name in metrics["seeds"]:
-            metrics[name] = {**metrics[name], "top1": metrics["seeds"][name]["top1"]["mean"],
-                             "top1_ci95": metrics["seeds"][name]["top1"]["ci95"]}
+    metrics["seeds"]["interval"] = INTERVAL
+    metrics["n_seeds"] = len(results)
+    for name in models:
+        group = metrics["seeds"][name]
+        merged = dict(results[0][name])
+        for k, v in group.items():
+            if isinstance(v, dict) and "mean" in v:
+                merged[k] = v["mean"]
+        merged["top1_ci95"] = group["top1"]["ci95"]
+        classes = results[0][name]["per_class"]
+        merged["per_class"] = {c: mean_or_none([m[name]["per_class"][c] for m in results]) for c in classes}
+        merged["confusion"] = np.sum([m[name]["confusion"] for m in results], axis=0).tolist()
+        metrics[name] = merged
     return metrics
+
+
+def mean_or_none(values: list):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def fmt(v, digits=1):
@@ -684,16 +815,19 @@ def write_report(run: Run, metrics: dict, split: dict):
     lines = [f"# {r.name}", "", r.description, "",
              f"Teacher `{r.teacher.name}` ({metrics['teacher'].get('arch', '')}, "
              f"{metrics['teacher'].get('weights', '')})"
-             f" → student `{r.student.name}`; {metrics['n_test']} held-out images, {len(split['classes'])} classes.",
+             f" → student `{r.student.name}`; every accuracy is on the {metrics['n_test']} images of the held-out test "
+             f"split, {len(split['classes'])} classes.",
              "", "| model | top-1 % | top-5 % | GFLOPs/img | params (M) | agreement with teacher % |",
              "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(metrics)]
     lines += ["", f"Student GFLOPs are {100 * metrics['gflops_ratio']:.0f}% of the teacher's.", ""]
     if "seeds" in metrics:
-        lines += ["## Seeds", "", f"{len(next(iter(metrics['seeds']['student'].values()))['values'])} seeds; "
-                  "mean ± 95% CI (1.96·σ/√n, sample σ).", "", "| model | metric | mean | ± CI95 | values |",
-                  "|---|---|---|---|---|"]
+        lines += ["## Seeds", "", f"{metrics['n_seeds']} seeds; every figure above is the mean over seeds, confusion "
+                  f"matrices are summed over seeds. ± is the {metrics['seeds']['interval']}.", "",
+                  "| model | metric | mean | ± t-interval 95% | values |", "|---|---|---|---|---|"]
         for name, group in metrics["seeds"].items():
+            if not isinstance(group, dict):
+                continue
             for metric, s in group.items():
                 if isinstance(s, dict) and "mean" in s:
                     lines.append(f"| {name} | {metric} | {s['mean']:.2f} | {s['ci95']:.2f} | "
@@ -706,13 +840,22 @@ def write_report(run: Run, metrics: dict, split: dict):
         vals = [fmt(metrics[n]["per_class"].get(c)) for n in ("teacher", "student", "baseline")
                 if n in metrics and "per_class" in metrics[n]]
         lines.append(f"| {c} | " + " | ".join(vals) + " |")
-    lines += ["", "## Confusion matrices", ""]
+    lines += ["", "## Confusion matrices" + (" (summed over seeds)" if "seeds" in metrics else ""), ""]
+    if "seeds" in metrics:
+        for n in ("teacher", "student", "baseline"):
+            if n in metrics:
+                plot_confusion(metrics[n]["confusion"], split["classes"], run.dir / f"confusion-{n}.png",
+                               f"{n}: top-1 {metrics[n]['top1']:.1f}% (mean of {metrics['n_seeds']} seeds)")
     lines += [f"![{n}](confusion-{n}.png)" for n in ("teacher", "student", "baseline") if n in metrics]
     for extra in ("robustness", "synthetic", "spurious", "gap"):
         if extra in metrics and isinstance(metrics[extra], dict) and "markdown" in metrics[extra]:
             lines += ["", metrics[extra]["markdown"]]
-    lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in metrics.get("timings", {}).items()]
+    timings = metrics.get("timings", {})
+    lines += ["", "## Stages", "", "Seconds each stage took when it was computed; a stage this call reused keeps "
+              "its time.", "", "| stage | seconds | this call |", "|---|---|---|"]
+    lines += [f"| {k} | {v} | {'reused' if k in timings.get('reused', []) else 'computed'} |"
+              for k, v in timings.get("stages_seconds", {}).items()]
+    lines += [f"| total | {timings.get('total_seconds', 0)} | {timings.get('this_run_seconds', 0)} s |"]
     if split.get("skipped"):
         lines += ["", f"{len(split['skipped'])} unreadable images were skipped; see split.json."]
     atomic_write_text(run.dir / "report.md", "\n".join(lines) + "\n")
@@ -731,9 +874,9 @@ def load_run_teacher(run_dir, device: str = "cpu") -> Teacher:
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
     teacher = build_teacher(recipe.teacher).to(device)
-    head = run_dir / "probe" / "head.pt"
-    if not head.exists():  # a sweep point: the head lives in the sweep's shared folder
-        head = run_dir.parent.parent / "probe" / "head.pt"
+    # A seed's folder (RUN/seed-k) or a sweep point (SWEEP/points/p) finds the head in the shared folder above.
+    head = next((d / "probe" / "head.pt" for d in (run_dir, run_dir.parent, run_dir.parent.parent)
+                 if (d / "probe" / "head.pt").exists()), run_dir / "probe" / "head.pt")
     teacher.head = torch.load(head, map_location=device, weights_only=False).eval()
     teacher.class_names = read_json(run_dir / "split.json")["classes"]
     return teacher

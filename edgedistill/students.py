@@ -129,7 +129,7 @@ def create_backbone(cfg) -> nn.Module:
         return model
     if cfg.pretrained:
         return create_timm(cfg.name, True, f"Student {cfg.name!r}", num_classes=0, drop_rate=cfg.drop_rate, **kwargs)
-    torch.manual_seed(0)
+    # Random initialisation draws from torch's global RNG, which build_student seeds from the recipe's seed.
     return timm.create_model(cfg.name, pretrained=False, num_classes=0, drop_rate=cfg.drop_rate, **kwargs)
 
 

@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
 from . import distributed, losses
 from .data import resize_normalize, view_image
 from .data.cache import view_seed
-from .utils import atomic_torch_save, derived_seed
+from .utils import atomic_torch_save, atomic_write_text, derived_seed, progress
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +49,12 @@ class DistillSet(Dataset):
     """Yields (student image, teacher image or empty, label, item index, view) for one epoch."""
 
     def __init__(self, items, student_spec: dict, teacher_spec: dict | None, augment: str, views: int,
-                 crop_pct: float, seed: int, online: bool):
+                 crop_pct: float, seed: int, online: bool, n_real: int | None = None):
+        """``items[:n_real]`` are real images, whose fixed views are drawn under ``seed`` (each seed has its own
+        augmented views); the rest (synthetic) keep the views their shared cache was computed with (salt 0)."""
         self.items, self.sspec, self.tspec = items, student_spec, teacher_spec
         self.augment, self.views, self.crop_pct, self.seed, self.online = augment, views, crop_pct, seed, online
+        self.n_real = len(items) if n_real is None else n_real
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
@@ -67,7 +69,7 @@ class DistillSet(Dataset):
             view, vseed = 0, derived_seed("online", self.seed, self.epoch, i)
         else:  # one of the fixed views whose teacher features are cached
             view = int(np.random.default_rng(derived_seed("pick", self.seed, self.epoch, i)).integers(self.views))
-            vseed = view_seed(path, view)
+            vseed = view_seed(path, view, self.seed if i < self.n_real else 0)
         img = view_image(path, self.augment, vseed, self.crop_pct)
         s = torch.from_numpy(resize_normalize(img, self.sspec))
         t = torch.from_numpy(resize_normalize(img, self.tspec)) if self.online and self.tspec else torch.empty(0)
@@ -77,8 +79,12 @@ class DistillSet(Dataset):
 class GlobalBatchSampler(Sampler):
     """Global batches drawn from real and synthetic items (P1: equal frequency); each rank takes batch[rank::world]."""
 
-    def __init__(self, n_real: int, n_synth: int, batch_size: int, seed: int, real_fraction: float = 0.5):
+    def __init__(self, n_real: int, n_synth: int, batch_size: int, seed: int, real_fraction: float = 0.5,
+                 epoch_size: int = 0):
+        """``epoch_size`` (> 0) fixes the items per epoch, e.g. a baseline matching the distilled student's budget
+        with real images only: the real images are then repeated in fresh permutations."""
         self.n_real, self.n_synth, self.seed, self.rf = n_real, n_synth, seed, real_fraction
+        self.fixed_size = epoch_size
         self.rank, self.world = distributed.world()
         n = self.epoch_size()
         self.batch = min(batch_size, n)
@@ -88,6 +94,8 @@ class GlobalBatchSampler(Sampler):
         self.epoch = 0
 
     def epoch_size(self) -> int:
+        if self.fixed_size:
+            return self.fixed_size
         if self.n_real and self.n_synth:
             return self.n_real + int(round(self.n_real * (1 - self.rf) / self.rf))
         return self.n_real + self.n_synth
@@ -99,7 +107,10 @@ class GlobalBatchSampler(Sampler):
         rng = np.random.default_rng(derived_seed("order", self.seed, self.epoch))
         real = np.arange(self.n_real)
         synth = self.n_real + np.arange(self.n_synth)
-        if self.n_real and self.n_synth:
+        if not self.n_synth:
+            n = self.epoch_size()
+            return np.concatenate([rng.permutation(real) for _ in range(math.ceil(n / self.n_real))])[:n]
+        if self.n_real:
             want = self.epoch_size() - self.n_real
             synth = np.concatenate([rng.permutation(synth) for _ in range(math.ceil(want / self.n_synth))])[:want]
         return rng.permutation(np.concatenate([real, synth]))
@@ -153,10 +164,12 @@ def make_optimizer(model, cfg):
 
 def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights, out_dir, key: str,
           teacher=None, targets: TeacherTargets | None = None, workers: int = 0, desc: str = "train",
-          device: str = "cpu", mixup: float = 0.0, num_classes: int = 0) -> list[dict]:
+          device: str = "cpu", mixup: float = 0.0, num_classes: int = 0, cutmix: float = 0.0,
+          evaluate=None) -> list[dict]:
     """Train ``model`` in place; checkpoints every epoch to ``out_dir/checkpoint.pt`` and resumes from it.
 
-    Returns the per-epoch log rows (also appended to ``out_dir/log.jsonl``).
+    ``evaluate(model, epoch) -> dict`` (optional) runs after an epoch when ``cfg.eval_every`` says so; its figures
+    (validation accuracy) join that epoch's log row. Returns the per-epoch log rows (``out_dir/log.jsonl``).
     """
     # 1. Place the model, wrap it for DDP, build optimiser and schedule.
     out_dir = Path(out_dir)
@@ -171,7 +184,8 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
     step_fn = torch.compile(net) if cfg.compile else net
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, len(sampler)))
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+    # Workers are started anew each epoch: a persistent worker keeps its copy of the dataset at epoch 0 forever.
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else torch.autocast("cpu", enabled=False)
 
     # 2. Resume from the last finished epoch of the same configuration.
@@ -194,7 +208,7 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
         torch.manual_seed(derived_seed("torch", cfg.seed, epoch, rank))
         model.train()
         sums, seen, t0 = {}, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=not distributed.is_main())
+        bar = progress(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not distributed.is_main())
         for xs, xt, labels, idx, views in bar:
             xs, labels = xs.to(device, non_blocking=True), labels.to(device)
             if cfg.channels_last:
@@ -202,10 +216,10 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
             t_feat = t_logits = None
             if teacher is not None:
                 t_feat = teacher.encode(xt.to(device)) if xt.numel() else targets.get(idx, views).to(device)
-                if mixup > 0:
+                if mixup > 0 or cutmix > 0:
                     xs, t_feat, labels = mix_real(xs, xt.to(device) if xt.numel() else None, labels, teacher, mixup,
                                                   derived_seed("mix", cfg.seed, epoch, int(idx[0])), t_feat,
-                                                  num_classes)
+                                                  num_classes, cutmix)
                 t_logits = teacher.logits(t_feat)
             with amp:
                 out = step_fn(xs, teacher_features=t_feat) if weights.align_uniform else step_fn(xs)
@@ -224,35 +238,71 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(xs)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
         elapsed = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], "images_per_s": seen / elapsed, "seconds": elapsed}
+        row = {"epoch": epoch + 1, "steps": len(sampler), "images": seen, "lr": sched.get_last_lr()[0],
+               "images_per_s": seen / elapsed, "seconds": elapsed}
         row.update({k: distributed.all_reduce_mean(v / max(1, seen // world)) for k, v in sums.items()})
+        if evaluate is not None and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            row.update(evaluate(model, epoch + 1))
         rows.append(row)
         if distributed.is_main():
             log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs,
                      ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch",)))
             atomic_torch_save({"key": key, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "log": rows}, ckpt_path)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            # Rewritten whole from the checkpoint's rows: a restarted stage never keeps a killed run's extra rows.
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))
         distributed.barrier()
     return rows
 
 
-def mix_real(xs, xt, labels, teacher, alpha, seed, t_feat, num_classes: int):
-    """Mixup on real labelled images only (P1); needs the online teacher so it sees the mixed image too."""
+def mix_real(xs, xt, labels, teacher, alpha, seed, t_feat, num_classes: int, cutmix: float = 0.0):
+    """Mixup or CutMix on real labelled images only (P1, P3); needs the online teacher so it sees the mixed image.
+
+    With both set, each batch picks one of the two at even odds (as timm's Mixup does). CutMix pastes the same
+    relative box into the student's and the teacher's image (their sizes may differ) and mixes the labels by the
+    pasted area.
+    """
     real = (labels >= 0).nonzero().flatten()
     soft = torch.zeros(len(labels), num_classes, device=labels.device)
     soft[real, labels[real]] = 1.0
     if len(real) < 2 or xt is None:
         return xs, t_feat, soft
     g = torch.Generator().manual_seed(seed)
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    use_cut = cutmix > 0 and (alpha <= 0 or float(torch.rand(1, generator=g)) < 0.5)
+    a = cutmix if use_cut else alpha
+    lam = _beta(a, g)
     perm = real[torch.randperm(len(real), generator=g)]
     xs, xt = xs.clone(), xt.clone()
-    xs[real] = lam * xs[real] + (1 - lam) * xs[perm]
-    xt[real] = lam * xt[real] + (1 - lam) * xt[perm]
+    if use_cut:
+        box = cut_box(lam, g)
+        for x in (xs, xt):
+            y0, y1, x0, x1 = scale_box(box, x.shape[-2], x.shape[-1])
+            x[real, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+        y0, y1, x0, x1 = scale_box(box, xs.shape[-2], xs.shape[-1])
+        lam = 1 - (y1 - y0) * (x1 - x0) / (xs.shape[-2] * xs.shape[-1])  # the area actually pasted
+    else:
+        xs[real] = lam * xs[real] + (1 - lam) * xs[perm]
+        xt[real] = lam * xt[real] + (1 - lam) * xt[perm]
     soft[real] = lam * soft[real] + (1 - lam) * soft[perm]
     return xs, teacher.encode(xt), soft
+
+
+def _beta(a: float, g: torch.Generator) -> float:
+    """A Beta(a, a) draw from ``g`` (torch's Beta sampler has no generator argument): X / (X + Y), X, Y ~ Gamma(a)."""
+    x, y = (float(torch._standard_gamma(torch.tensor(a, dtype=torch.float64), generator=g)) for _ in range(2))
+    return x / (x + y) if x + y > 0 else 0.5
+
+
+def cut_box(lam: float, g: torch.Generator) -> tuple[float, float, float, float]:
+    """A box covering a (1 - lam) share of the image, centred at random, in relative coordinates (y0, y1, x0, x1)."""
+    side = (1 - lam) ** 0.5
+    cy, cx = (float(v) for v in torch.rand(2, generator=g))
+    return (max(cy - side / 2, 0.0), min(cy + side / 2, 1.0), max(cx - side / 2, 0.0), min(cx + side / 2, 1.0))
+
+
+def scale_box(box, h: int, w: int) -> tuple[int, int, int, int]:
+    y0, y1, x0, x1 = box
+    return int(round(y0 * h)), int(round(y1 * h)), int(round(x0 * w)), int(round(x1 * w))
 
 
 class EvalSet(Dataset):
@@ -274,7 +324,7 @@ def predict(model, items, spec: dict, crop_pct: float, batch_size: int = 64, dev
     model.eval().to(device).to(memory_format=torch.channels_last)
     outs: dict = {}
     loader = DataLoader(EvalSet(items, spec, crop_pct), batch_size=batch_size, num_workers=workers)
-    for x, _ in tqdm(loader, desc=desc, leave=False, disable=not distributed.is_main()):
+    for x, _ in progress(loader, desc=desc, disable=not distributed.is_main()):
         for k, v in model(x.to(device).contiguous(memory_format=torch.channels_last)).items():
             outs.setdefault(k, []).append(v.float().cpu())
     return {k: torch.cat(v) for k, v in outs.items()}

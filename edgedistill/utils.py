@@ -73,3 +73,15 @@ def derived_seed(*parts) -> int:
     """A seed that depends only on its parts, so per-sample randomness is the same on any rank or resume."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar that redraws freely on a terminal but only every 30 s in a log file (CI, nohup)."""
+    import sys
+
+    from tqdm import tqdm
+
+    kwargs.setdefault("leave", False)
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 30.0)
+    return tqdm(iterable, **kwargs)

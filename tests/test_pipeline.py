@@ -54,10 +54,15 @@ def test_rerun_reuses_every_stage_and_changes_nothing(finished_run, caplog):
     assert run_cli(recipe, "--out", run) == 0
     assert time.perf_counter() - t0 < 30
     reused = [r.message for r in caplog.records if "reused" in r.message]
-    assert len(reused) == 6, reused  # split, features, probe, distill, baseline, evaluate
-    after = json.loads((run / "metrics.json").read_text())
+    assert len(reused) == 7, reused  # split, features, probe, views, distill, baseline, evaluate
+    after, before = json.loads((run / "metrics.json").read_text()), json.loads(before)
     strip = lambda m: {k: v for k, v in m.items() if k != "timings"}  # noqa: E731
-    assert strip(after) == strip(json.loads(before))
+    assert strip(after) == strip(before)
+    # The stage times measured when the stages ran are kept, not overwritten with "reused" and a 0 s total.
+    assert after["timings"]["stages_seconds"] == before["timings"]["stages_seconds"]
+    assert after["timings"]["total_seconds"] == before["timings"]["total_seconds"] > 0
+    assert len(after["timings"]["reused"]) == 7
+    assert f"| total | {before['timings']['total_seconds']} |" in (run / "report.md").read_text()
 
 
 def test_changed_setting_reruns_only_what_depends_on_it(finished_run, caplog):
@@ -91,8 +96,10 @@ def metrics_of(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path, image_folder):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, image_folder, workers):
     r = tiny_recipe(image_folder, train={"epochs": 6, "batch_size": 8, "lr": 0.003, "device": "cpu"}, baseline=False)
+    r["data"].update(num_workers=workers, views=3)
     recipe = write_recipe(tmp_path / "r.yaml", r)
     cmd = [sys.executable, "-m", "edgedistill", "recipe", "run", str(recipe), "--out"]
     straight = tmp_path / "straight"
@@ -119,7 +126,9 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, image_folder):
     assert a["top1"] == b["top1"] and a["confusion"] == b["confusion"]
     sa = torch.load(straight / "student" / "model.pt", weights_only=False)["state_dict"]
     sb = torch.load(killed / "student" / "model.pt", weights_only=False)["state_dict"]
-    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), "the resumed run ends with other weights"
+    logged = (killed / "student" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in logged] == [1, 2, 3, 4, 5, 6], "the log has each epoch once"
 
 
 @pytest.mark.slow

@@ -21,3 +21,18 @@ def test_initialisation_ignores_earlier_random_draws():
     torch.rand(1000)  # e.g. a probe stage that ran earlier in the same process
     b = build_student(recipe, 3, 16)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_seed_changes_a_random_initialisation():
+    # A random-init student (no packaged or hub weights): each seed must start from different weights, the same seed
+    # from the same ones; otherwise `--seeds N` measures N copies of one run.
+    def weights(seed):
+        recipe = load_recipe("quickstart", ["student.name=test_efficientnet", "student.weights=''",
+                                            f"train.seed={seed}"])
+        return build_student(recipe, 3, 16).state_dict()
+
+    a, a2, b = weights(0), weights(0), weights(1)
+    assert all(torch.equal(a[k], a2[k]) for k in a)
+    conv = next(k for k in a if k.endswith("weight") and a[k].dim() == 4)  # the backbone's first convolution
+    assert not torch.equal(a[conv], b[conv]), "the backbone's initialisation ignores the seed"
+    assert not torch.equal(a["classifier.weight"], b["classifier.weight"])

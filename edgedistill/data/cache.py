@@ -9,15 +9,35 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
-
-from ..utils import derived_seed, write_json
+from ..utils import derived_seed, progress, write_json
 from . import resize_normalize, view_image
 
 
 def view_seed(path: str, view: int, salt: int = 0) -> int | None:
-    """View 0 is the un-augmented image; view v > 0 is a fixed augmentation of it, the same in every run."""
+    """View 0 is the un-augmented image; view v > 0 is a fixed augmentation of it, one per (salt, image, view).
+
+    Real training images use the training seed as ``salt``, so each seed draws its own augmented views.
+    """
     return None if view == 0 else derived_seed("view", salt, str(path), view)
+
+
+class RealViews:
+    """Teacher features of the real training images: view 0 from the shared un-augmented cache, views 1.. from the
+    seed's own cache of augmented views (whose view ``v - 1`` is the image's view ``v``)."""
+
+    def __init__(self, base: "FeatureCache", augmented: "FeatureCache | None"):
+        self.base, self.augmented, self.dim = base, augmented, base.dim
+
+    def get(self, items, views=None) -> torch.Tensor:
+        items = np.asarray(items)
+        views = np.zeros_like(items) if views is None else np.asarray(views)
+        out = torch.empty(len(items), self.dim)
+        plain = views == 0
+        if plain.any():
+            out[torch.from_numpy(plain)] = self.base.get(items[plain])
+        if (~plain).any():
+            out[torch.from_numpy(~plain)] = self.augmented.get(items[~plain], views[~plain] - 1)
+        return out
 
 
 class FeatureCache:
@@ -52,24 +72,35 @@ class FeatureCache:
         return torch.from_numpy(np.ascontiguousarray(self.features[items, views]))
 
     def fill(self, teacher, items: list, augment: str, crop_pct: float, batch_size: int = 64, workers: int = 0,
-             device="cpu", desc: str = "teacher features", salt: int = 0):
-        """Run the teacher on every missing (item, view) and store the result; returns how many were computed."""
-        todo = self.missing()
+             device="cpu", desc: str = "teacher features", salt: int = 0, first_view: int = 0):
+        """Run the teacher on every missing (item, view) and store the result; returns how many were computed.
+
+        Cache view ``v`` holds the image's view ``first_view + v`` under ``salt`` (see ``view_seed``). Rows are
+        computed in fixed blocks of ``batch_size`` (item-major order), and a block with any missing row is computed
+        whole: a resumed extraction batches exactly as an uninterrupted one, so it writes bit-identical features
+        (CPU kernels may round differently for another batch composition).
+        """
+        pairs = [(i, v) for i in range(len(self.keys)) for v in range(self.views)]
+        blocks = [pairs[b:b + batch_size] for b in range(0, len(pairs), batch_size)]
+        todo = [block for block in blocks if any(self.done[i, v] == 0 for i, v in block)]
         if not todo:
             return 0
-        ds = _ViewDataset(items, todo, teacher.info.input.to_dict(), augment, crop_pct, salt)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
+        flat = [pair for block in todo for pair in block]
+        ds = _ViewDataset(items, flat, teacher.info.input.to_dict(), augment, crop_pct, salt, first_view)
+        sizes = np.cumsum([0] + [len(block) for block in todo])
+        batches = [list(range(sizes[k], sizes[k + 1])) for k in range(len(todo))]
+        loader = DataLoader(ds, batch_sampler=batches, num_workers=workers)
         teacher.to(device).to(memory_format=torch.channels_last)  # faster convolutions, same numbers
-        with tqdm(total=len(todo), desc=desc, unit="img", leave=False) as bar:
-            for x, idx, view in loader:
+        with progress(total=len(flat), desc=desc, unit="img") as bar:
+            for k, (x, idx, view) in enumerate(loader):
                 f = teacher.encode(x.to(device).contiguous(memory_format=torch.channels_last)).cpu().numpy()
                 self.features[idx.numpy(), view.numpy()] = f
                 self.done[idx.numpy(), view.numpy()] = 1
                 bar.update(len(idx))
-                if bar.n % (batch_size * 8) < batch_size:
+                if k % 8 == 7:
                     self.flush()
         self.flush()
-        return len(todo)
+        return len(flat)
 
     def flush(self):
         self.features.flush()
@@ -77,9 +108,9 @@ class FeatureCache:
 
 
 class _ViewDataset(Dataset):
-    def __init__(self, items, todo, spec, augment, crop_pct, salt):
-        self.items, self.todo, self.spec, self.augment, self.crop_pct, self.salt = items, todo, spec, augment, \
-            crop_pct, salt
+    def __init__(self, items, todo, spec, augment, crop_pct, salt, first_view=0):
+        self.items, self.todo, self.spec, self.augment, self.crop_pct = items, todo, spec, augment, crop_pct
+        self.salt, self.first_view = salt, first_view
 
     def __len__(self):
         return len(self.todo)
@@ -87,5 +118,5 @@ class _ViewDataset(Dataset):
     def __getitem__(self, k):
         i, v = self.todo[k]
         path = self.items[i][0]
-        img = view_image(path, self.augment, view_seed(path, v, self.salt), self.crop_pct)
+        img = view_image(path, self.augment, view_seed(path, v + self.first_view, self.salt), self.crop_pct)
         return torch.from_numpy(resize_normalize(img, self.spec)), i, v
