@@ -1,13 +1,16 @@
 """Latency and throughput of a run's student (PyTorch eager, ``torch.compile``) and of its exported bundles.
 
 Bundles are timed through ``export/run.py``'s ``load_bundle``, the very code a target runs. Backends are timed in
-interleaved rounds, so a burst of load from another process on a shared machine hits all of them alike.
-Writes ``RUN/bench.json`` (a list of rows), ``RUN/bench.md`` and ``RUN/bench.png`` (accuracy against latency).
+interleaved rounds, so a burst of load from another process on a shared machine hits all of them alike; ratios
+between backends compare medians of the same rounds (``same_round_speedup``), never each backend's luckiest round.
+PyTorch runs in the memory layout training used. Each row records the threads, execution providers and layout
+it actually ran with. Writes ``RUN/bench.json`` (a list of rows), ``RUN/bench.md`` and ``RUN/bench.png``
+(accuracy against latency).
 """
 import logging
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +19,22 @@ from .utils import read_json, write_json
 
 log = logging.getLogger(__name__)
 BACKENDS = ("pytorch", "torch-compile", "onnxruntime", "openvino", "tensorrt")
+NOT_REPORTED = {"runtime_threads": None, "providers": None, "memory_format": None}  # every row has these keys
 
 
 @dataclass(eq=False)
 class Target:
-    """Something to time: ``make(batch)`` returns a no-argument call running one batch."""
+    """Something to time: ``make(batch)`` returns a no-argument call running one batch.
+
+    ``settings`` is how it runs, as the runtime reports it: ``runtime_threads``, ``providers``, ``memory_format``.
+    """
 
     backend: str
     precision: str
     make: object
     top1: float | None = None
     bundle: str | None = None
+    settings: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,19 +72,28 @@ def torch_targets(run_dir: Path, top1, backends) -> list:
     from .students import LogitsOnly, load_student
 
     student, blob = load_student(run_dir)
-    model, size = LogitsOnly(student).eval(), int(blob["input"]["size"])
+    # Time the layout training ran in (channels_last unless the recipe turned it off): that is how this student
+    # runs in PyTorch, and a contiguous-NCHW baseline can take slower oneDNN paths, inflating every "x eager".
+    channels_last = (blob["recipe"].get("train") or {}).get("channels_last", True)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model, size = LogitsOnly(student).eval().to(memory_format=layout), int(blob["input"]["size"])
+
+    def inputs(batch):
+        return torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
 
     def eager(batch):
-        x = torch.randn(batch, 3, size, size)
+        x = inputs(batch)
         return lambda: torch_call(model, x)
 
     def compiled(batch):
-        x, fn = torch.randn(batch, 3, size, size), torch.compile(model)
+        x, fn = inputs(batch), torch.compile(model)
         torch_call(fn, x)  # compile now: failures surface here, not inside the timing loop
         return lambda: torch_call(fn, x)
 
+    settings = {"runtime_threads": torch.get_num_threads(), "providers": None,
+                "memory_format": str(layout).removeprefix("torch.")}
     pairs = (("pytorch", eager), ("torch-compile", compiled))
-    return [Target(name, "fp32", make, top1) for name, make in pairs if name in backends]
+    return [Target(name, "fp32", make, top1, settings=settings) for name, make in pairs if name in backends]
 
 
 def torch_call(fn, x):
@@ -104,7 +121,30 @@ def bundle_target(folder: Path, threads: int, backends) -> Target | None:
         return lambda: bundle.predict(x)
 
     return Target(manifest["runtime"]["name"], manifest["precision"], make,
-                  (manifest.get("accuracy") or {}).get("top1"), str(folder))
+                  (manifest.get("accuracy") or {}).get("top1"), str(folder), runtime_settings(bundle))
+
+
+def runtime_settings(bundle) -> dict:
+    """Threads and execution providers as the bundle's own runtime session reports them.
+
+    ``load_bundle`` keeps the ONNX Runtime session / OpenVINO infer request inside its runner closure; reading them
+    back from there describes the very session being timed, not a second one opened just to be asked.
+    ONNX Runtime reports ``intra_op_num_threads`` as set (0: its default, one per physical core); OpenVINO reports
+    the resolved ``INFERENCE_NUM_THREADS``.
+    """
+    run = bundle._run
+    handles = [c.cell_contents for c in getattr(run, "__closure__", None) or ()]
+    handles += list(getattr(run, "__dict__", {}).values())  # a runner object (TensorRT) rather than a closure
+    settings = dict(NOT_REPORTED)
+    for h in handles:
+        if hasattr(h, "get_providers"):  # onnxruntime.InferenceSession
+            settings.update(runtime_threads=h.get_session_options().intra_op_num_threads,
+                            providers=list(h.get_providers()))
+        elif hasattr(h, "get_compiled_model"):  # openvino.InferRequest
+            compiled = h.get_compiled_model()
+            settings.update(runtime_threads=int(compiled.get_property("INFERENCE_NUM_THREADS")),
+                            providers=[str(d) for d in compiled.get_property("EXECUTION_DEVICES")])
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,6 +162,19 @@ def measure_interleaved(calls: dict, warmup: int, iters: int, rounds: int = 5) -
         for key, fn in calls.items():
             samples[key].append(time_calls(fn, warmup if r == 0 else min(2, warmup), n))
     return samples
+
+
+def same_round_speedup(baseline: list, candidate: list) -> float:
+    """How many times faster ``candidate`` runs than ``baseline``: the median over rounds of the per-round ratio.
+
+    Both are per-round timings from the same ``measure_interleaved`` call (each round a list of milliseconds, or
+    that round's median). Comparing each backend's best round instead would set one backend's quietest moment
+    against another's, and on a shared machine reward whichever happened to dodge the load.
+    """
+    if len(baseline) != len(candidate) or not baseline:
+        raise ValueError(f"needs the same, non-zero number of rounds, got {len(baseline)} and {len(candidate)}")
+    base, cand = (np.array([np.median(r) for r in x]) for x in (baseline, candidate))
+    return float(np.median(base / cand))
 
 
 def prepare_calls(targets: list, batches) -> tuple[dict, dict]:
@@ -145,7 +198,8 @@ def host_info() -> dict:
         names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "os": platform.platform(), "gpu": None}
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "cpus_usable": usable, "os": platform.platform(), "gpu": None}
     try:
         import torch
 
@@ -167,8 +221,16 @@ def rows_for(samples: dict, threads: int, warmup: int) -> list:
         flat = [ms for r in rounds for ms in r]
         rows.append({"backend": t.backend, "precision": t.precision, "batch": batch, **latency_stats(flat, batch),
                      "round_p50_ms": [float(np.median(r)) for r in rounds], "warmup": warmup, "threads": threads,
-                     "top1": t.top1, "bundle": t.bundle, "host": host, "versions": versions})
+                     **NOT_REPORTED, **t.settings, "top1": t.top1, "bundle": t.bundle, "host": host,
+                     "versions": versions})
+    for r in rows:
+        eager = find_row(rows, "pytorch", "fp32", r["batch"])
+        r["x_eager"] = same_round_speedup(eager["round_p50_ms"], r["round_p50_ms"]) if eager else None
     return rows
+
+
+def find_row(rows: list, backend: str, precision: str, batch: int) -> dict | None:
+    return next((r for r in rows if (r["backend"], r["precision"], r["batch"]) == (backend, precision, batch)), None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,15 +241,35 @@ def markdown(rows: list, skipped: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
 
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
     host = rows[0]["host"] if rows else host_info()
     lines = [f"Host: {host['cpu']}, {host['cpu_count']} CPUs, GPU: {host['gpu'] or 'none'}", "",
-             "| backend | precision | batch | p50 ms | p90 ms | p99 ms | images/s | top-1 % |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| backend | precision | batch | p50 ms | p90 ms | p99 ms | images/s | x eager | threads | runs with "
+             "| top-1 % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        runs_with = ", ".join(r.get("providers") or []) or r.get("memory_format") or "-"
         lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-                     f"{r['p99_ms']:.2f} | {r['throughput_ips']:.1f} | {pct(r['top1'])} |")
+                     f"{r['p99_ms']:.2f} | {r['throughput_ips']:.1f} | {num(r.get('x_eager'), '.2f')} | "
+                     f"{num(r.get('runtime_threads'), 'd')} | {runs_with} | {pct(r['top1'])} |")
+    lines += int8_lines(rows)
+    if rows:
+        lines += ["", f"Ratios (x eager, INT8 vs FP32) are the median over the {len(rows[0]['round_p50_ms'])} "
+                      "interleaved rounds of the per-round ratio of p50s; threads 0 is ONNX Runtime's default."]
     lines += [f"\n{backend} {precision}: not measured ({reason})" for (backend, precision), reason in skipped.items()]
     return "\n".join(lines) + "\n"
+
+
+def int8_lines(rows: list) -> list:
+    """One line per backend and batch timed at both FP32 and INT8: the INT8 speed-up from the same rounds."""
+    lines = []
+    for r in rows:
+        fp32 = find_row(rows, r["backend"], "fp32", r["batch"]) if r["precision"] == "int8" else None
+        if fp32:
+            speedup = same_round_speedup(fp32["round_p50_ms"], r["round_p50_ms"])
+            lines.append(f"{r['backend']} INT8 vs FP32 at batch {r['batch']}: {speedup:.2f}x")
+    return [""] + lines if lines else []
 
 
 def plot(rows: list, path: Path):

@@ -1,4 +1,6 @@
 """Accuracy, teacher-student agreement, per-class accuracy, confusion matrices and per-image GFLOPs."""
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -32,14 +34,57 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def gflops(model: torch.nn.Module, size: int) -> float:
-    """Forward GFLOPs for one image (2 FLOPs per multiply-add), counted by torch's FlopCounterMode."""
+    """Forward GFLOPs for one image (2 FLOPs per multiply-add), counted by torch's FlopCounterMode.
+
+    Counted where the model lives (CPU, CUDA or the meta device), on an input of its dtype, in eval mode. The
+    parameters are never moved or cast and every module's training flag is put back: a teacher still in use on
+    CUDA afterwards (online teacher, corruption runs) must find itself where it was.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = model.eval().cpu()
-    x = torch.zeros(1, 3, size, size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    device, dtype = _placement(model)
+    x = torch.zeros(1, 3, size, size, device=device, dtype=dtype)
+    with torch.no_grad(), _eval_mode(model), FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() / 1e9
+
+
+def params_used(model: torch.nn.Module, size: int) -> int:
+    """Parameters of the modules that one forward pass actually runs (an unused classifier does not count)."""
+    ran = []
+    hooks = [m.register_forward_pre_hook(lambda mod, _: ran.append(mod)) for m in model.modules()]
+    device, dtype = _placement(model)
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            model(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    seen = {id(p): p.numel() for m in ran for p in m.parameters(recurse=False)}
+    return sum(seen.values())
+
+
+def _placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's first floating parameter or buffer (CPU float32 when none)."""
+    tensors = (t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+    first = next(tensors, None)
+    return (first.device, first.dtype) if first is not None else (torch.device("cpu"), torch.float32)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Eval mode inside the block (no BatchNorm statistics update); each module's own flag restored after.
+
+    Flags are restored one by one, not with ``model.train(flag)``, which would unfreeze a submodule deliberately
+    kept in eval mode inside a training model.
+    """
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
 
 
 def plot_confusion(matrix, class_names, path, title: str):
