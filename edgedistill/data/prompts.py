@@ -119,13 +119,32 @@ LLM_PROMPT = ("List {n} different, concrete options for the '{dimension}' of a p
               "Write one short option per line, with no numbering and no other text.")
 
 
+LIST_MARKER = re.compile(r"^\s*(?:[-*\u2022\u2013]|\d+[.):]|\(\d+\))\s+")
+# How chat models open and close an answer ("Sure! Here are 10 options:", "Let me know if you need more.").
+CHATTER = re.compile(r"^(?:here(?:'s| is| are| you go)|sure\b|certainly\b|of course\b|absolutely\b|okay,|"
+                     r"below (?:is|are)\b|i hope\b|hope (?:this|these|that)\b|let me know\b|feel free\b|i've\b|"
+                     r"i have\b)", re.IGNORECASE)
+QUOTES = "\"'`\u201c\u201d\u2018\u2019*_"
+
+
 def parse_options(text: str, n: int) -> list[str]:
-    """Options from an LLM answer: one per line, bullets and numbering stripped, duplicates dropped."""
+    """Options from an LLM answer, one per line, up to ``n``.
+
+    Bullets, numbering, quotes and markdown emphasis are stripped; duplicates are dropped; so are the model's
+    preamble and epilogue ("Here you go:", "Sure! Here are 10 options:", "Let me know if you need more."): a line
+    ending in a colon or opening like chat, and, when the answer is a bulleted or numbered list, every line that is
+    not an item of it.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(LIST_MARKER.match(line) for line in lines):
+        lines = [LIST_MARKER.sub("", line, count=1) for line in lines if LIST_MARKER.match(line)]
     out = []
-    for line in text.splitlines():
-        option = re.sub(r"^\s*(?:[-*\u2022]|\d+[.):])\s*", "", line).strip().strip('"').rstrip(".").strip()
-        if option and option.lower() not in {o.lower() for o in out} and len(option) <= 80:
-            out.append(option)
+    for line in lines:
+        option = line.strip(QUOTES + " ").rstrip(".,;").strip(QUOTES + " ")
+        if (not option or option.endswith(":") or CHATTER.match(option) or len(option) > 80
+                or option.lower() in {o.lower() for o in out}):
+            continue
+        out.append(option)
     return out[:n]
 
 
