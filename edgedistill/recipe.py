@@ -29,11 +29,11 @@ class DataCfg:
     max_per_class: int = 0              # cap images per class (0: all)
     split_seed: int = 0
     image_size: int = 0                 # evaluation/training size for the student; 0: the student's default
-    crop_pct: float = 0.0               # centre-crop fraction for evaluation views; 0: the student's default
+    crop_pct: float = 0.0               # centre-crop fraction of every view, teacher's and student's; 0: the teacher's
     augment: str = "light"              # a name in data.AUGMENTS
     views: int = 1                      # fixed augmented views per image whose teacher outputs are cached
-    mixup: float = 0.0                  # Mixup alpha on real images only (P1); 0 disables
-    cutmix: float = 0.0
+    mixup: float = 0.0                  # Mixup alpha on real images only (P1); 0 disables; needs the online teacher
+    cutmix: float = 0.0                 # CutMix alpha on real images only (P3); with mixup too, each batch picks one
     num_workers: int = 0
     real_train: bool = True             # False: real train images are not trained on (P4 zero-shot: synthetic only)
 
@@ -100,7 +100,7 @@ class TrainCfg:
     grad_clip: float = 0.0
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda | cuda:N
-    eval_every: int = 0                 # evaluate on the held-out split every N epochs (0: only at the end)
+    eval_every: int = 0                 # top-1 on the validation split every N epochs into log.jsonl (0: never)
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,9 @@ class ExportCfg:
     simplify: bool = False
     calibration_images: int = 300
     int8_finetune_steps: int = 200      # INT8-aware fine-tuning, the ladder's last resort; 0: never
-    parity_images: int = 200
+    selection_images: int = 200         # train images held back to choose INT8 attempts on, when the run has no val
+    selection_margin: float = 0.01      # NNCF accuracy control runs only when no attempt reaches the gate + this
+    parity_images: int = 0              # 0: the whole test split; N: its first N only (a quick look, recorded)
     min_agreement: float = 0.995
     min_agreement_int8: float = 0.97
 

@@ -56,12 +56,15 @@ def fit_head(student, items):
     return student
 
 
-def make_run(root: Path, zero_shot: bool = False, student: str = "test_efficientnet") -> Path:
-    """A run folder as the pipeline writes it: recipe.yaml, split.json, student/model.pt, metrics.json."""
+def make_run(root: Path, zero_shot: bool = False, student: str = "test_efficientnet", **sections) -> Path:
+    """A run folder as the pipeline writes it: recipe.yaml, split.json, student/model.pt, metrics.json.
+
+    ``sections`` add recipe sections (e.g. ``synthetic``) to the recipe the student is saved with.
+    """
     torch.manual_seed(0)
     train, test = colour_images(root / "data" / "train", 16, 0), colour_images(root / "data" / "test", 10, 1)
     raw = {"name": "tiny", "student": {"name": student}, "data": {"image_size": SPEC.size},
-           "loss": {"feature_l2": 1.0} if zero_shot else {"ce": 1.0}, "eval": {"zero_shot": zero_shot}}
+           "loss": {"feature_l2": 1.0} if zero_shot else {"ce": 1.0}, "eval": {"zero_shot": zero_shot}, **sections}
     recipe = build(Recipe, raw, "")
     text = torch.nn.functional.normalize(torch.randn(len(CLASSES), 16), dim=-1) if zero_shot else None
     model = fit_head(build_student(recipe, len(CLASSES), 16, text), train)
@@ -97,7 +100,7 @@ def test_four_bundles_pass_parity_with_full_manifests(exported):
         m = json.loads((exported / name / "manifest.json").read_text())
         assert m["parity"]["passed"] and m["parity"]["images"] == 30
         assert m["parity"]["top1_agreement"] >= (0.97 if name.endswith("int8") else 0.995)
-        assert "split test" in m["parity"]["source"]
+        assert "split test" in m["parity"]["source"] and m["accuracy"]["split"] == "test"
         assert m["class_names"] == CLASSES and m["output"]["kind"] == "logits"
         assert m["preprocess"]["mean"] == [0.5] * 3 and m["preprocess"]["crop_pct"] == 0.9
         assert m["preprocess"]["channel_order"] == "RGB" and m["opset"] >= 17
@@ -116,7 +119,9 @@ def test_fp32_matches_pytorch_closely(exported):
 
 def test_int8_is_really_quantized(exported):
     m = json.loads((exported / "onnx-int8" / "manifest.json").read_text())
-    assert m["quantization"]["calibration"]["images"] == 48  # every training image (fewer than the 300 asked)
+    calibration = m["quantization"]["calibration"]
+    # every training image but the 24 held back for selection (fewer than the 300 asked)
+    assert calibration["images"] == 24 and calibration["selection_images_excluded"] == 24
     import onnx
 
     graph = onnx.load(str(exported / "onnx-int8" / "model.onnx")).graph
@@ -133,6 +138,118 @@ def test_summary_reports_each_artifact_beside_fp32(exported):
     for name in ("onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"):
         assert name in summary
     assert "FP32 top-1" in summary
+
+
+def test_manifests_name_a_selection_split_apart_from_the_whole_test_split(exported, run_dir):
+    """Attempts are chosen on images held back from training, and parity is measured on every test image."""
+    split = json.loads((run_dir / "split.json").read_text())
+    held_back = json.loads((exported / "selection.json").read_text())
+    chosen = {str(Path(p).resolve()) for p, _ in held_back["items"]}
+    assert len(chosen) == 24 and held_back["split"] == "train-holdout"   # half of the 48 train images, stratified
+    assert sorted(y for _, y in held_back["items"]) == [0] * 8 + [1] * 8 + [2] * 8
+    assert not chosen & {str(Path(p).resolve()) for p, _ in split["test"]}
+    assert chosen <= {str(Path(p).resolve()) for p, _ in split["train"]}
+    for name in ("onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"):
+        m = json.loads((exported / name / "manifest.json").read_text())
+        assert m["selection"]["split"] == "train-holdout" and m["selection"]["images"] == 24
+        assert m["parity"]["split"] == "test" and m["parity"]["images"] == len(split["test"]) == 30
+        assert m["accuracy"]["images"] == len(split["test"])
+        assert 0 <= m["selection"]["chosen_attempt"] < len((m["quantization"] or {}).get("attempts", [None]))
+
+
+def test_parity_covers_the_whole_test_split_however_large(run_dir, tmp_path):
+    """No sampling: a 240-image test split is measured on all 240 (the old default measured 200 of them)."""
+    from edgedistill.export.bundle import ExportJob
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("export"))
+    split = json.loads((run / "split.json").read_text())
+    (run / "split.json").write_text(json.dumps({**split, "test": split["test"] * 8}))
+    job = ExportJob.create(run, ExportCfg())
+    assert len(job.parity.x) == 240 and job.parity.split == "test" and "all 240 images" in job.parity.source
+    capped = ExportJob.create(run, ExportCfg(parity_images=50))   # a quick look, and it says so
+    assert len(capped.parity.x) == 50 and "the first 50 of 240 images" in capped.parity.source
+
+
+def test_selection_is_the_val_split_when_the_run_has_one(run_dir):
+    from edgedistill.export.images import image_pools
+
+    split = json.loads((run_dir / "split.json").read_text())
+    split = {**split, "val": split["train"][:6], "train": split["train"][6:]}
+    pools = image_pools(run_dir, split, {"data": {"real_train": True}}, ExportCfg())
+    assert pools.selection_info["split"] == "val" and pools.selection == [tuple(i) for i in split["val"]]
+    assert len(pools.training) == len(split["train"]) == 42 and len(pools.parity) == len(split["test"])
+    with pytest.raises(AssertionError, match="1 selection images are also parity images"):
+        image_pools(run_dir, {**split, "val": split["val"] + split["test"][:1]}, {}, ExportCfg())
+
+
+def test_int8_attempt_is_chosen_without_looking_at_the_test_split(run_dir, tmp_path, monkeypatch):
+    """The test split would favour the second attempt; the first one agrees on the selection split, so it ships and
+    its test-split figure, measured once, decides: the export fails rather than trying the next attempt."""
+    from edgedistill.export import ExportError, export_run, parity
+    from edgedistill.export import onnx as onnx_backend
+    from edgedistill.export.images import load_pixels, to_inputs
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("export"))
+    split = json.loads((run / "split.json").read_text())
+    test_x = to_inputs(load_pixels([p for p, _ in split["test"]], SPEC.to_dict()), SPEC.to_dict())
+    ladder = ({"mode": "full"}, {"mode": "keep_ends_float"})
+    monkeypatch.setattr(onnx_backend, "attempts", lambda precision: ladder if precision == "int8" else ({},))
+    real_load, test_runs = parity.load_bundle, []
+
+    def load(folder, **kwargs):
+        # The first attempt disagrees with PyTorch on every test image and only there; the second agrees on the test
+        # images and disagrees everywhere else. Chosen on the selection split, the first must ship, and fail.
+        bundle = real_load(folder, **kwargs)
+        predict = bundle.predict
+
+        def spy(x):
+            scores = predict(x)
+            if x.shape == test_x.shape and np.array_equal(x, test_x):
+                test_runs.append(Path(folder).name)
+                return np.roll(scores, 1, axis=1) if Path(folder).name.endswith("try0") else scores
+            return np.roll(scores, 1, axis=1) if Path(folder).name.endswith("try1") else scores
+        bundle.predict = spy
+        return bundle
+
+    monkeypatch.setattr(parity, "load_bundle", load)
+    cfg = ExportCfg(formats=("onnx",), precision=("int8",), calibration_images=16, min_agreement_int8=0.9,
+                    selection_margin=0.0)
+    with pytest.raises(ExportError, match=r"onnx-int8: top-1 agreement 0\.0+ < 0.9 on 30 split test images"):
+        export_run(run, cfg=cfg)
+    m = json.loads((run / "export" / "onnx-int8" / "manifest.json").read_text())
+    assert test_runs == [".onnx-int8.try0"]   # the test split was run once, on the attempt already chosen
+    modes = [a["mode"] for a in m["quantization"]["attempts"]]
+    assert modes == ["full", "keep_ends_float"] and m["selection"]["chosen_attempt"] == 0
+    assert m["selection"]["top1_agreement"] >= 0.9 and m["parity"]["passed"] is False
+
+
+def test_calibration_uses_only_kept_synthetic_images_and_never_selection_images(tmp_path):
+    """Generated images curation dropped (e.g. near-copies of test images) and the selection images stay out of the
+    INT8 calibration and fine-tuning pool."""
+    from edgedistill.export.bundle import ExportJob
+    from edgedistill.export.images import image_pools, load_pixels
+
+    run = make_run(tmp_path, synthetic={"generator": "tiny-sd", "images_per_class": 2})
+    synth = colour_images(run / "synth" / "images", 4, seed=7)
+    dropped = [item for i, item in enumerate(synth) if i % 2]
+    for p, _ in dropped:   # a colour no real or kept image has, so it is recognisable in the calibration pixels
+        Image.new("RGB", (50, 50), (255, 0, 255)).save(p)
+    with open(run / "synth" / "manifest.jsonl", "w") as f:   # what the generator wrote: every image
+        f.writelines(json.dumps({"path": p, "label": y}) + "\n" for p, y in synth)
+    kept = [item for item in synth if item not in dropped]
+    (run / "synth" / "kept.json").write_text(json.dumps({"items": kept, "rows": [], "report": {}}))
+    job = ExportJob.create(run, ExportCfg(calibration_images=1000))
+    pixels, info = job.calibration_pixels()
+    seen = {p.tobytes() for p in pixels}
+    assert info["synthetic"] == len(kept) == 6 and info["real_train"] == 48 - 24
+    assert not seen & {p.tobytes() for p in load_pixels([p for p, _ in dropped], SPEC.to_dict())}
+    assert not seen & {p.tobytes() for p in job.selection.pixels} and len(job.selection.pixels) == 24
+    synthetic_only = image_pools(run, job.split, {"data": {"real_train": False}, "synthetic": {}}, job.cfg)
+    assert synthetic_only.training == [] and synthetic_only.training_info["synthetic"] == 0   # no section: none
+    synthetic_only = image_pools(run, job.split, {"data": {"real_train": False}, "synthetic": {"x": 1}}, job.cfg)
+    assert sorted(synthetic_only.training) == sorted((str(p), y) for p, y in kept)
 
 
 def test_bundle_predictions_match_pytorch_on_images(exported, run_dir):
@@ -323,6 +440,7 @@ def test_int8_simulation_matches_onnxruntime_int8(run_dir):
 def test_int8_finetune_tunes_a_copy_and_leaves_the_student(run_dir):
     from edgedistill.export import qat
     from edgedistill.export.bundle import ExportJob
+    from edgedistill.export.parity import pytorch_scores
 
     job = ExportJob.create(run_dir, ExportCfg(calibration_images=16, parity_images=8))
     before = {k: v.clone() for k, v in job.model.state_dict().items()}
@@ -331,7 +449,17 @@ def test_int8_finetune_tunes_a_copy_and_leaves_the_student(run_dir):
     assert all(torch.equal(before[k], v) for k, v in job.model.state_dict().items())
     assert tuned.state_dict().keys() == before.keys()   # a plain model again: no parametrizations left behind
     assert [h["step"] for h in info["history"]] == [0, 3, 6] and info["chosen_step"] in (0, 3, 6)
-    assert info["simulated_agreement_after"] >= info["simulated_agreement_before"]
+    # What the record claims is what the returned weights do under simulated INT8 on the held-out images, so the
+    # step it reports choosing is the one that ships.
+    ranges, undo = qat.simulate_int8(tuned)
+    try:
+        qat.calibrate(tuned, ranges, calib)
+        agreement, _ = qat.held_out_quality(tuned, calib, pytorch_scores(job.model, calib))
+    finally:
+        undo()
+    chosen = next(h for h in info["history"] if h["step"] == info["chosen_step"])
+    assert agreement == info["simulated_agreement_after"] == chosen["agreement"]
+    assert chosen["agreement"] == max(h["agreement"] for h in info["history"])
     changed = any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items())
     assert changed == (info["chosen_step"] > 0)
 
@@ -349,6 +477,11 @@ def test_int8_finetune_attempt_is_recorded_in_the_manifest(run_dir, tmp_path, mo
     m = json.loads((run / "export" / "onnx-int8" / "manifest.json").read_text())
     finetune = m["quantization"]["finetune"]
     assert finetune["steps"] == 4 and len(finetune["float_modules"]) == 1
-    assert m["quantization"]["attempts"] == [{**ladder[0], "top1_agreement": m["parity"]["top1_agreement"]}]
+    assert m["quantization"]["attempts"] == [{**ladder[0], "selection_agreement": m["selection"]["top1_agreement"]}]
+    # The fine-tuning picked its step on the selection images, and the agreement its simulation promised there is
+    # what the shipped INT8 bundle delivers on them (within one image).
+    assert finetune["validation_split"] == m["selection"]["split"] == "train-holdout"
+    assert finetune["validation_images"] == m["selection"]["images"] == 24
+    assert abs(finetune["simulated_agreement_after"] - m["selection"]["top1_agreement"]) <= 1 / 24
     assert m["parity"]["passed"] and load_bundle(run / "export" / "onnx-int8").predict(np.zeros((1, 3, 48, 48),
                                                                                        np.float32)).shape == (1, 3)

@@ -135,7 +135,7 @@ def export_run(run_dir, formats=None, precisions=None, cfg=None) -> list:
         run_dir: a run folder (``RUN/student/model.pt``, ``RUN/split.json``).
         formats: e.g. ``["onnx", "openvino"]``; None: ``cfg``'s, else the recipe's export section, else onnx.
         precisions: e.g. ``["fp32", "int8"]``; None as for ``formats``.
-        cfg: an ``ExportCfg`` (thresholds, opset, calibration and parity image counts).
+        cfg: an ``ExportCfg`` (thresholds, opset, calibration and selection image counts).
 
     Returns:
         The bundle folders written. Raises ExportError after trying every pair when any failed its parity check.
@@ -148,8 +148,9 @@ def export_run(run_dir, formats=None, precisions=None, cfg=None) -> list:
     usable = check_backends(cfg)
     if not usable:
         return []
-    # 2. Load the student, the parity images and PyTorch's scores on them once for every artifact.
+    # 2. Load the student, the test and selection images and PyTorch's scores on them once for every artifact.
     job = ExportJob.create(run_dir, cfg)
+    job.save_selection()
     if "tensorrt" in cfg.formats and "int8" in cfg.precision:
         job.save_calibration()  # for INT8 engines built on the device
     # 3. Export, check and write each bundle; FP32 first so lower precisions are compared with it.
@@ -169,37 +170,68 @@ def export_run(run_dir, formats=None, precisions=None, cfg=None) -> list:
 
 def failure_line(result: dict) -> str:
     p, a = result["parity"], result["accuracy"]
-    line = f"{result['name']}: top-1 agreement {p['top1_agreement']:.3f} < {p['threshold']}"
+    line = (f"{result['name']}: top-1 agreement {p['top1_agreement']:.3f} < {p['threshold']} on {p['images']} "
+            f"split {p['split']} images")
     if a["top1"] is not None and a["fp32_top1"] is not None:
         line += f" (accuracy {100 * a['top1']:.1f}% vs FP32 {100 * a['fp32_top1']:.1f}%)"
     return line
 
 
 def export_one(job, name: str, precision: str) -> dict:
-    """Build one bundle, walking the backend's attempts (e.g. INT8 with some layers in float) until one passes.
+    """Build one bundle: walk the backend's attempts, choose one on the selection split, then test it, once.
 
-    When none passes, the attempt that agreed best with PyTorch is kept, its manifest marked as failed.
+    Every attempt of the ladder (e.g. INT8 with some layers in float, INT8-aware fine-tuning) is built and scored by
+    its top-1 agreement with PyTorch on the selection split; the best ships (the earlier, cheaper one on a tie).
+    A last-resort attempt (``last_resort``: NNCF accuracy control) runs only when no other reached the gate plus
+    ``export.selection_margin``. Stopping at the first attempt over the gate would ship whichever crossed it by a
+    single lucky selection image. Only the chosen bundle is measured on the test split, and that measurement alone
+    decides pass or fail: test-split figures never choose between attempts, so they are not selected for.
     """
-    from .bundle import finish_bundle, start_bundle
-    from .parity import evaluate_artifact
+    from .bundle import finish_bundle
+    from .parity import evaluate_artifact, selection_agreement, threshold
 
-    fmt, module = FORMATS[name], backend(name)
-    tried = []  # (folder, attempt, outcome)
-    ladder = [a for a in module.attempts(precision) if job.cfg.int8_finetune_steps > 0 or not a.get("finetune")]
-    for i, attempt in enumerate(ladder):
-        folder = job.out_root / f".{name}-{precision}.try{i}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        start_bundle(job, folder, fmt, precision, module.export_bundle(job, folder, precision, **attempt))
-        outcome = evaluate_artifact(job, folder, precision)
-        tried.append((folder, attempt, outcome))
-        if outcome["parity"]["passed"]:
-            break
-        log.warning("%s-%s %s: top-1 agreement %.3f is below %.3f", name, precision, attempt or "",
-                    outcome["parity"]["top1_agreement"], outcome["parity"]["threshold"])
-    best = max(tried, key=lambda t: (t[2]["parity"]["passed"], t[2]["parity"]["top1_agreement"]))
-    for folder, _, _ in tried:
-        if folder != best[0]:
+    # 1. Walk the ladder, judging each attempt on the selection split.
+    gate = min(1.0, threshold(job.cfg, precision) + job.cfg.selection_margin)
+    tried = []  # (folder, attempt, agreement on the selection split)
+    for i, attempt in enumerate(ladder(job, name, precision)):
+        if attempt.get("mode") in LAST_RESORT and any(o["top1_agreement"] >= gate for _, _, o in tried):
+            continue
+        folder = build_attempt(job, name, precision, i, attempt)
+        tried.append((folder, attempt, selection_agreement(job, folder)))
+        log.info("%s-%s %s: top-1 agreement %.4f on the selection split (gate %.3f)", name, precision, attempt or "",
+                 tried[-1][2]["top1_agreement"], gate)
+    # 2. Keep the best on selection (the earlier, cheaper attempt on a tie).
+    chosen = max(range(len(tried)), key=lambda i: (tried[i][2]["top1_agreement"], -i))
+    for i, (folder, _, _) in enumerate(tried):
+        if i != chosen:
             shutil.rmtree(folder)
-    attempts = [{**a, "top1_agreement": o["parity"]["top1_agreement"]} for _, a, o in tried]
-    return finish_bundle(job, best[0], {**best[2], "attempts": attempts})
+    folder, _, agreement = tried[chosen]
+    # 3. The parity gate, on the whole test split, for the chosen attempt only.
+    outcome = evaluate_artifact(job, folder, precision)
+    selection = {"split": job.selection.split, "images": agreement["images"], "source": job.selection.source,
+                 "top1_agreement": agreement["top1_agreement"], "cosine_mean": agreement["cosine_mean"],
+                 "gate": gate, "margin": job.cfg.selection_margin, "reached_gate": agreement["top1_agreement"] >= gate,
+                 "chosen_attempt": chosen, "rule": "the best selection agreement among all attempts (the earlier on a tie); "
+                 "accuracy control only when none reached the gate", **{k: v for k, v in job.pools.selection_info.items()
+                                                   if k in ("requested", "seed", "note")}}
+    attempts = [{**a, "selection_agreement": o["top1_agreement"]} for _, a, o in tried]
+    return finish_bundle(job, folder, {**outcome, "selection": selection, "attempts": attempts})
+
+
+LAST_RESORT = ("accuracy_control",)  # slow attempts tried only when every other attempt missed the gate
+
+
+def ladder(job, name: str, precision: str) -> list:
+    """The backend's attempts for ``precision``, less INT8-aware fine-tuning when the recipe turns it off."""
+    return [a for a in backend(name).attempts(precision) if job.cfg.int8_finetune_steps > 0 or not a.get("finetune")]
+
+
+def build_attempt(job, name: str, precision: str, i: int, attempt: dict) -> Path:
+    """Export attempt ``i`` into ``RUN/export/.<format>-<precision>.try<i>`` with a manifest the runtime can open."""
+    from .bundle import start_bundle
+
+    folder = job.out_root / f".{name}-{precision}.try{i}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    start_bundle(job, folder, FORMATS[name], precision, backend(name).export_bundle(job, folder, precision, **attempt))
+    return folder

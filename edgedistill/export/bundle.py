@@ -6,6 +6,7 @@ feed the model exactly what the PyTorch student saw and to tell whether the file
 """
 import datetime
 import importlib.metadata
+import logging
 import platform
 import shutil
 from dataclasses import dataclass, field
@@ -14,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ..utils import read_json, sha256_file, write_json
-from .images import read_split, to_inputs
-from .parity import ParitySet, parity_set, store_reference
+from .images import Pools, image_pools, read_split, to_inputs
+from .parity import ParitySet, image_set, store_reference
 
+log = logging.getLogger(__name__)
 VERSIONED = ("edgedistill", "numpy", "pillow", "torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt")
 
 
@@ -29,7 +31,9 @@ class ExportJob:
     model: object               # students.LogitsOnly, eval mode
     blob: dict                  # what load_student returned besides the model
     split: dict
-    parity: ParitySet
+    parity: ParitySet           # the held-out test split: pass/fail, measured once per bundle
+    pools: Pools                # which images are for what (parity, selection, calibration), disjoint
+    selection: ParitySet        # chooses between INT8 attempts, fine-tuning steps and float layers
     fp32_top1: dict = field(default_factory=dict)   # format -> its FP32 artifact's accuracy, for the report
     _calibration: tuple | None = None
     _onnx: Path | None = None
@@ -43,8 +47,19 @@ class ExportJob:
         student, blob = load_student(run_dir)
         model = LogitsOnly(student).eval()
         split = read_split(run_dir)
-        return cls(run_dir, cfg, model, blob, split, parity_set(run_dir, split, blob["input"], cfg.parity_images,
-                                                               model))
+        pools = image_pools(run_dir, split, blob.get("recipe") or {}, cfg)
+        spec = blob["input"]
+        parity = image_set(run_dir, pools.parity, pools.parity_split, parity_source(pools), spec, model)
+        info = pools.selection_info
+        selection = image_set(run_dir, pools.selection, info["split"], info["source"], spec, model, seed=1)
+        return cls(run_dir, cfg, model, blob, split, parity, pools, selection)
+
+    def save_selection(self) -> Path:
+        """``RUN/export/selection.json``: the selection images by path, so anyone can check they were held out."""
+        path = self.out_root / "selection.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {**self.pools.selection_info, "items": [list(item) for item in self.pools.selection]})
+        return path
 
     @property
     def spec(self) -> dict:
@@ -59,7 +74,7 @@ class ExportJob:
         from .quantize import calibration_set
 
         if self._calibration is None:
-            self._calibration = calibration_set(self.run_dir, self.split, self.spec, self.cfg.calibration_images)
+            self._calibration = calibration_set(self.pools, self.spec, self.cfg.calibration_images)
         return self._calibration
 
     def calibration(self) -> tuple[np.ndarray, dict]:
@@ -98,6 +113,19 @@ class ExportJob:
             self._finetuned[keep] = (export_onnx(model, path, int(self.spec["size"]), self.cfg.opset,
                                                  self.cfg.dynamic_batch, self.cfg.simplify), info)
         return self._finetuned[keep]
+
+
+def parity_source(pools: Pools) -> str:
+    """Where the parity images come from, in words; says so loudly when they are not the whole test split."""
+    n, total, name = len(pools.parity), pools.parity_split_images, pools.parity_split
+    if name == "val":
+        log.warning("The run has no test split: parity is measured on split val, and INT8 attempts are chosen on "
+                    "a hold-back from train")
+    if n < total:
+        log.warning("Parity is measured on the first %d of the %d split %s images (export.parity_images caps it)",
+                    n, total, name)
+        return f"split {name} (real, held out): the first {n} of {total} images (export.parity_images)"
+    return f"split {name} (real, held out): all {n} images"
 
 
 def output_meaning(student) -> dict:
@@ -173,26 +201,29 @@ def finish_bundle(job: ExportJob, folder: Path, outcome: dict) -> dict:
     fp32 = job.fp32_top1.get(manifest["format"], accuracy["pytorch_top1"])
     accuracy["fp32_top1"] = fp32
     accuracy["delta_vs_fp32"] = None if fp32 is None or accuracy["top1"] is None else accuracy["top1"] - fp32
-    manifest.update(parity=outcome["parity"], accuracy=accuracy)
+    manifest.update(selection=outcome["selection"], parity=outcome["parity"], accuracy=accuracy)
     if manifest.get("quantization"):
         manifest["quantization"]["attempts"] = outcome["attempts"]
     write_json(folder / "manifest.json", manifest)
     final = job.out_root / name
     shutil.rmtree(final, ignore_errors=True)
     folder.rename(final)
-    return {"name": name, "path": final, "parity": manifest["parity"], "accuracy": accuracy}
+    return {"name": name, "path": final, "selection": manifest["selection"], "parity": manifest["parity"],
+            "accuracy": accuracy}
 
 
 def summary_table(results: list) -> str:
-    """Markdown: agreement, cosine, max-abs error and accuracy of each artifact beside FP32's."""
+    """Markdown: agreement on the selection split (what chose the attempt), then on the test split (what decides
+    pass or fail) with cosine, max-abs error and accuracy beside FP32's."""
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
 
-    rows = ["| artifact | top-1 agreement | min cosine | max abs err | top-1 % | FP32 top-1 % | parity |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| artifact | selection agreement | test top-1 agreement | min cosine | max abs err | top-1 % | "
+            "FP32 top-1 % | parity |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        p, a = r["parity"], r["accuracy"]
-        rows.append(f"| {r['name']} | {p['top1_agreement']:.3f} (>= {p['threshold']}) | {p['cosine_min']:.4f} | "
-                    f"{p['max_abs_error']:.3g} | {pct(a['top1'])} | {pct(a['fp32_top1'])} | "
+        p, a, s = r["parity"], r["accuracy"], r["selection"]
+        rows.append(f"| {r['name']} | {s['top1_agreement']:.3f} ({s['split']}, {s['images']}) | "
+                    f"{p['top1_agreement']:.3f} (>= {p['threshold']}; {p['split']}, {p['images']}) | "
+                    f"{p['cosine_min']:.4f} | {p['max_abs_error']:.3g} | {pct(a['top1'])} | {pct(a['fp32_top1'])} | "
                     f"{'pass' if p['passed'] else 'FAIL'} |")
     return "\n".join(rows)

@@ -67,8 +67,8 @@ def quantize_nncf(model, calib, mode: str, job, keep: int = 0):
 
 
 def accuracy_controlled(nncf, model, data, kwargs, job):
-    """NNCF reverts to float the layers that most hurt top-1 agreement with PyTorch on held-out calibration images
-    (never the parity images, so the gate stays an honest test)."""
+    """NNCF reverts to float the layers that most hurt top-1 agreement with PyTorch on selection-split images
+    (never the test split, so the gate stays an honest test)."""
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     x, ref_top1 = validation_set(job, n=100)

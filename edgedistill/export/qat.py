@@ -9,9 +9,10 @@ scores (self-distillation: KL on the softmax plus MSE on the scores). The straig
 gradient through the rounding. The tuned copy is exported in float and quantized by the backend's own PTQ tool as
 usual, so the INT8 graph, and its speed, are unchanged; only the weights it rounds are better placed.
 
-It trains on the calibration pool (recipe training images), never on the parity images, and the parity gate still
-compares against the original student. BatchNorm statistics stay frozen (eval mode) and ranges are recalibrated
-as the weights move, since the backend's calibration will see the tuned weights.
+It trains on the training pool (the recipe's own training images), picks its step on the selection split, never
+looks at the test split, and the parity gate still compares against the original student. BatchNorm statistics
+stay frozen (eval mode) and ranges are recalibrated as the weights move, since the backend's calibration will see
+the tuned weights.
 """
 import copy
 import logging
@@ -151,9 +152,9 @@ def finetune(model, calib: np.ndarray, train: np.ndarray, val: np.ndarray, float
              seed: int = 0):
     """A copy of ``model`` fine-tuned under simulated INT8 to reproduce ``model``'s scores; (copy, info).
 
-    ``calib``: the backend's calibration inputs (ranges); ``train``: calibration-pool inputs to train on (flipped at
-    random); ``val``: held-out calibration-pool inputs, where simulated INT8 top-1 agreement is reported before and
-    after (never the parity images).
+    ``calib``: the backend's calibration inputs (ranges); ``train``: training-pool inputs to train on (flipped at
+    random); ``val``: selection-split inputs (held out from ``train`` and ``calib``), where simulated INT8 top-1
+    agreement picks the step and is reported before and after (never the test split).
     """
     import torch
     import torch.nn.functional as F
@@ -215,6 +216,6 @@ def finetune(model, calib: np.ndarray, train: np.ndarray, val: np.ndarray, float
             "train_images": len(train), "float_modules": list(float_modules), "validation_images": len(val),
             "simulated_agreement_before": before[0], "simulated_agreement_after": after[0],
             "history": [{"step": st, "agreement": a, "kl": -nkl} for st, a, nkl in history]}
-    log.info("INT8-aware fine-tuning: simulated INT8 agreement on %d held-out calibration-pool images %.3f -> %.3f",
+    log.info("INT8-aware fine-tuning: simulated INT8 agreement on %d selection images %.3f -> %.3f",
              len(val), before[0], after[0])
     return tuned.eval(), info

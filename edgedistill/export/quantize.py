@@ -1,24 +1,29 @@
 """What INT8 post-training quantization shares across backends: the calibration images and the retry ladder.
 
-Calibration images are drawn from the recipe's distillation data (real train images, plus synthetic ones where
-the run made them), preprocessed exactly as at evaluation. Each backend quantizes with its own tool (ONNX Runtime
-static QDQ in ``onnx.py``, NNCF in ``openvino.py``, TensorRT entropy calibration in ``tensorrt.py``).
+Calibration (and fine-tuning) images are drawn only from what the recipe trained on: the real train images when
+``data.real_train``, plus the synthetic images curation kept (``synth/kept.json``), less the selection images,
+preprocessed exactly as at evaluation. Which attempt of the ladder ships, which fine-tuning step and which layers stay
+float are all chosen on the selection split (``ExportJob.selection``), never on the test split. Each backend
+quantizes with its own tool (ONNX Runtime static QDQ in ``onnx.py``, NNCF in ``openvino.py``, TensorRT entropy
+calibration in ``tensorrt.py``).
 """
-from pathlib import Path
+import logging
 
 import numpy as np
 
-from .images import load_pixels, random_pixels, resolve, sample, synthetic_items
+from .images import load_pixels, random_pixels, sample, stratified_holdout
 
-# Tried in order until one passes the parity gate (peers' INT8 top-1 collapses: ultralytics #22644, TensorRT #1834):
-# everything in INT8; then the first conv and the class head kept in float (the usual mixed-precision fix); then
-# the 4, 8 or 12 layers whose quantization moves the scores most (``sensitivity_ranking``) kept in float; then
+log = logging.getLogger(__name__)
+
+# Tried in order until one agrees well enough with PyTorch on the selection split (peers' INT8 top-1 collapses:
+# ultralytics #22644, TensorRT #1834): everything in INT8; then the first conv and the class head kept in float
+# (the usual mixed-precision fix); then the 4, 8 or 12 layers whose quantization moves the scores most (``sensitivity_ranking``) kept in float; then
 # the 4 kept float and the rest INT8-aware fine-tuned first (``qat.py``, minutes on a CPU, hence late); or, where
 # the backend can, an accuracy-controlled search that reverts the layers that hurt agreement most.
 INT8_ATTEMPTS = ({"mode": "full"}, {"mode": "keep_ends_float"}, {"mode": "sensitive_float", "keep": 4},
                  {"mode": "sensitive_float", "keep": 8}, {"mode": "sensitive_float", "keep": 12},
                  {"mode": "sensitive_float", "keep": 4, "finetune": True}, {"mode": "accuracy_control"})
-FINETUNE_IMAGES = 1000   # calibration-pool images the INT8-aware fine-tuning trains on
+FINETUNE_IMAGES = 1000   # training-pool images the INT8-aware fine-tuning trains on
 SENSITIVITY_IMAGES = 64
 
 
@@ -26,53 +31,55 @@ def attempts(precision: str, modes=("full", "keep_ends_float", "sensitive_float"
     return tuple(a for a in INT8_ATTEMPTS if a["mode"] in modes) if precision == "int8" else ({},)
 
 
-def calibration_set(run_dir: Path, split: dict, spec: dict, n: int, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """uint8 [N, H, W, 3] calibration pixels (``images.to_inputs`` makes inputs) and where they came from."""
-    real = [(resolve(p, run_dir), y) for p, y in split.get("train", [])]
-    synth = synthetic_items(run_dir)
-    items = sample(real + synth, n, seed)
+def calibration_set(pools, spec: dict, n: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """uint8 [N, H, W, 3] pixels drawn from the training pool (``images.Pools.training``) and where they came from.
+
+    ``images.to_inputs`` makes model inputs of them.
+    """
+    items = sample(pools.training, n, seed)
     if not items:
         pixels = random_pixels(max(n, 32), spec, seed)
+        log.warning("INT8 calibration uses random pixels: the run has no training images to calibrate on")
         return pixels, {"images": len(pixels), "source": "random pixels (no training images)"}
-    n_synth = len(set(items) & set(synth))
-    info = {"images": len(items), "source": "recipe distillation data", "real_train": len(items) - n_synth,
-            "synthetic": n_synth, "seed": seed}
+    synth = {p for p, _ in pools.training[len(pools.training) - pools.training_info["synthetic"]:]}
+    n_synth = sum(p in synth for p, _ in items)
+    info = {"images": len(items), "source": "recipe training images", "pool": len(pools.training),
+            "real_train": len(items) - n_synth, "synthetic": n_synth, "seed": seed,
+            "synthetic_source": pools.training_info["synthetic_source"],
+            "selection_images_excluded": pools.training_info["selection_images_excluded"]}
     return load_pixels([p for p, _ in items], spec), info
 
 
-def validation_set(job, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """Calibration-pool images that are not in the calibration set, with the PyTorch student's top-1 on them.
+def validation_set(job, n: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` (0: all) stratified selection-split inputs with the PyTorch student's top-1 on them.
 
-    Accuracy-controlled quantization tunes against these, never against the parity images.
+    Tuning (layer ranking, NNCF's accuracy control) looks at these, never at the test split nor at calibration
+    images; when the selection split has fewer than ``n``, it says so and uses what there is.
     """
-    from .images import to_inputs
-    from .parity import pytorch_scores
-
-    pixels, _ = calibration_set(job.run_dir, job.split, job.spec, job.cfg.calibration_images + n, seed=1)
-    calib, _ = job.calibration_pixels()
-    seen = {p.tobytes() for p in calib}
-    fresh = [p for p in pixels if p.tobytes() not in seen][:n] or list(pixels[:n])
-    x = to_inputs(np.stack(fresh), job.spec)
-    return x, pytorch_scores(job.model, x).argmax(1)
+    selection = job.selection
+    idx = np.arange(len(selection.x))
+    if n and n < len(idx):
+        labels = selection.labels if selection.labels is not None else np.zeros(len(idx), int)
+        idx = np.asarray([i for i, _ in stratified_holdout(list(zip(idx, labels)), n, seed=0)])
+    elif n > len(idx):
+        log.warning("Only %d selection images (split %s) to tune on, not %d", len(idx), selection.split, n)
+    return selection.x[idx], selection.reference[idx].argmax(1)
 
 
 def finetuned_student(job, keep: int):
     """The student INT8-aware fine-tuned with its ``keep`` most sensitive layers left float; (model, info).
 
-    Trains on calibration-pool images, picks the step that does best on ``validation_set`` (held out from
-    training and calibration), never looks at the parity images. ``ExportJob.source_onnx`` caches the result.
+    Trains on training-pool images, picks the step that does best on the selection split (held out from training
+    and calibration), never looks at the test split. ``ExportJob.source_onnx`` caches the result.
     """
     from . import qat
     from .images import to_inputs
 
     calib, _ = job.calibration()
-    val, _ = validation_set(job)
-    seen = {v.tobytes() for v in val}
-    pixels, _ = calibration_set(job.run_dir, job.split, job.spec, FINETUNE_IMAGES, seed=2)
-    train = to_inputs(pixels, job.spec)
-    train = train[[i for i, x in enumerate(train) if x.tobytes() not in seen]]
-    return qat.finetune(job.model, calib, train, val, float_modules=sensitivity_ranking(job)[:keep],
-                        steps=job.cfg.int8_finetune_steps)
+    pixels, _ = calibration_set(job.pools, job.spec, FINETUNE_IMAGES, seed=2)
+    model, info = qat.finetune(job.model, calib, to_inputs(pixels, job.spec), job.selection.x,
+                               float_modules=sensitivity_ranking(job)[:keep], steps=job.cfg.int8_finetune_steps)
+    return model, {**info, "validation_split": job.selection.split}
 
 
 def sensitivity_ranking(job) -> list[str]:
@@ -80,7 +87,7 @@ def sensitivity_ranking(job) -> list[str]:
 
     Each layer alone gets simulated INT8 (per-channel symmetric int8 weights, per-tensor uint8 input over its
     calibration min/max, what both backends do) while the rest stays float; the ranking is by mean absolute score
-    error on held-out calibration-pool images (never the parity images). Computed once per export job.
+    error on selection-split images (never the test split). Computed once per export job.
     On textile-like data with low-variance early channels, a few high-resolution layers dominate the INT8 error.
     """
     import torch
