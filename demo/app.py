@@ -192,7 +192,9 @@ def header_markdown(models: DemoModels) -> str:
              f"Student `{models.student_name}`{teacher} · {len(models.class_names)} classes · {kind}."]
     m = models.metrics
     if "student" in m and "teacher" in m:
-        lines.append(f"Held-out top-1: student {m['student']['top1']:.1f}%, teacher {m['teacher']['top1']:.1f}%.")
+        n = f" on the {m['n_test']} images of its held-out test split" if m.get("n_test") else \
+            " on its held-out test split"
+        lines.append(f"Top-1{n}: student {m['student']['top1']:.1f}%, teacher {m['teacher']['top1']:.1f}%.")
     if models.is_bundle:
         lines.append("Started on an exported bundle: the student runs alone, without its teacher.")
     missing = [f"{label} ({b.unavailable})" for label, b in models.backends.items() if b.unavailable]

@@ -815,8 +815,8 @@ def write_report(run: Run, metrics: dict, split: dict):
     lines = [f"# {r.name}", "", r.description, "",
              f"Teacher `{r.teacher.name}` ({metrics['teacher'].get('arch', '')}, "
              f"{metrics['teacher'].get('weights', '')})"
-             f" → student `{r.student.name}`; every accuracy is on the {metrics['n_test']} images of the held-out test "
-             f"split, {len(split['classes'])} classes.",
+             f" → student `{r.student.name}`; {len(split['classes'])} classes. Every accuracy is on the "
+             f"{metrics['n_test']} images of the held-out test split unless its table says otherwise.",
              "", "| model | top-1 % | top-5 % | GFLOPs/img | params (M) | agreement with teacher % |",
              "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(metrics)]

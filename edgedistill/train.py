@@ -236,7 +236,7 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
             seen += len(xs) * world
             for k, v in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(xs)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}", refresh=False)
         elapsed = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "steps": len(sampler), "images": seen, "lr": sched.get_last_lr()[0],
                "images_per_s": seen / elapsed, "seconds": elapsed}
