@@ -125,26 +125,8 @@ def bundle_target(folder: Path, threads: int, backends) -> Target | None:
 
 
 def runtime_settings(bundle) -> dict:
-    """Threads and execution providers as the bundle's own runtime session reports them.
-
-    ``load_bundle`` keeps the ONNX Runtime session / OpenVINO infer request inside its runner closure; reading them
-    back from there describes the very session being timed, not a second one opened just to be asked.
-    ONNX Runtime reports ``intra_op_num_threads`` as set (0: its default, one per physical core); OpenVINO reports
-    the resolved ``INFERENCE_NUM_THREADS``.
-    """
-    run = bundle._run
-    handles = [c.cell_contents for c in getattr(run, "__closure__", None) or ()]
-    handles += list(getattr(run, "__dict__", {}).values())  # a runner object (TensorRT) rather than a closure
-    settings = dict(NOT_REPORTED)
-    for h in handles:
-        if hasattr(h, "get_providers"):  # onnxruntime.InferenceSession
-            settings.update(runtime_threads=h.get_session_options().intra_op_num_threads,
-                            providers=list(h.get_providers()))
-        elif hasattr(h, "get_compiled_model"):  # openvino.InferRequest
-            compiled = h.get_compiled_model()
-            settings.update(runtime_threads=int(compiled.get_property("INFERENCE_NUM_THREADS")),
-                            providers=[str(d) for d in compiled.get_property("EXECUTION_DEVICES")])
-    return settings
+    """Threads and execution providers as the very session being timed reports them (``Bundle.settings``)."""
+    return {**NOT_REPORTED, **bundle.settings}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -159,6 +159,11 @@ class Bundle:
     def name(self) -> str:
         return f"{self.manifest['format']}-{self.manifest['precision']}"
 
+    @property
+    def settings(self) -> dict:
+        """How the runtime session runs, as it reports it: ``runtime_threads``, ``providers`` (where known)."""
+        return dict(getattr(self._run, "settings", {}))
+
     def preprocess(self, img: Image.Image) -> np.ndarray:
         return preprocess(img, self.spec)
 
@@ -217,7 +222,13 @@ def onnxruntime_runner(root: Path, manifest: dict, threads: int, device: str):
     providers = [p for p in wanted if p in ort.get_available_providers()]
     session = ort.InferenceSession(str(root / manifest["model_file"]), options, providers=providers)
     name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
+
+    def run(x):
+        return session.run(None, {name: x})[0]
+    # As the session reports them (intra_op_num_threads 0: ONNX Runtime's default, one per physical core).
+    run.settings = {"runtime_threads": session.get_session_options().intra_op_num_threads,
+                    "providers": list(session.get_providers())}
+    return run
 
 
 def openvino_runner(root: Path, manifest: dict, threads: int, device: str):
@@ -236,6 +247,8 @@ def openvino_runner(root: Path, manifest: dict, threads: int, device: str):
     def run(x):
         request.infer({0: x})
         return request.get_output_tensor(0).data.copy()
+    run.settings = {"runtime_threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+                    "providers": [str(d) for d in compiled.get_property("EXECUTION_DEVICES")]}
     return run
 
 
