@@ -145,10 +145,20 @@ def export(run: Path, reexport: bool, random_weights: bool):
         return
     cfg = ExportCfg(formats=("onnx", "openvino"), precision=("fp32", "int8"),
                     min_agreement_int8=0.0 if random_weights else ExportCfg.min_agreement_int8)
+    ladders = {}
+    if random_weights:  # the export would otherwise build (and fine-tune) every attempt of the ladder
+        from edgedistill.export import onnx, openvino
+
+        for module in (onnx, openvino):
+            ladders[module] = module.attempts
+            module.attempts = lambda precision: ({"mode": "full"},) if precision == "int8" else ({},)
     try:
         export_run(run, cfg=cfg)
     except ExportError as e:  # keep measuring: the manifests record the failed gate, and it is printed below
         log.error("%s", e)
+    finally:
+        for module, attempts in ladders.items():
+            module.attempts = attempts
 
 
 def measure(run: Path, args) -> list:

@@ -776,6 +776,19 @@ def combine_seeds(run: Run, results: list[dict]) -> dict:
         merged["per_class"] = {c: mean_or_none([m[name]["per_class"][c] for m in results]) for c in classes}
         merged["confusion"] = np.sum([m[name]["confusion"] for m in results], axis=0).tolist()
         metrics[name] = merged
+    for extra in ("robustness", "gap", "spurious"):  # per-seed suites: seed 0's tables, labelled as such
+        if isinstance(metrics.get(extra), dict) and "markdown" in metrics[extra]:
+            title, _, rest = metrics[extra]["markdown"].partition("\n")
+            metrics[extra] = {**metrics[extra], "seed": 0, "markdown": f"{title} (seed 0)\n{rest}"}
+    if all("robustness" in m for m in results):
+        from .stats import mean_ci
+
+        for name in ("teacher", "student"):
+            for key in ("mpc", "rpc"):
+                values = [m["robustness"][name][key] for m in results]
+                mean, hw = mean_ci(values)
+                metrics["seeds"].setdefault("robustness", {}).setdefault(name, {})[key] = {
+                    "mean": mean, "ci95": hw, "n": len(values), "values": values}
     return metrics
 
 
@@ -828,9 +841,12 @@ def write_report(run: Run, metrics: dict, split: dict):
         for name, group in metrics["seeds"].items():
             if not isinstance(group, dict):
                 continue
-            for metric, s in group.items():
+            rows = [(f"{name}", m, v) for m, v in group.items()]
+            rows += [(f"{name} {m}", k, x) for m, v in group.items() if isinstance(v, dict) and "mean" not in v
+                     for k, x in v.items()]  # e.g. robustness -> student -> mpc
+            for label, metric, s in rows:
                 if isinstance(s, dict) and "mean" in s:
-                    lines.append(f"| {name} | {metric} | {s['mean']:.2f} | {s['ci95']:.2f} | "
+                    lines.append(f"| {label} | {metric} | {s['mean']:.2f} | {s['ci95']:.2f} | "
                                  f"{', '.join(f'{v:.2f}' for v in s['values'])} |")
         lines.append("")
     lines += ["## Per-class top-1 %", "", "| class | " + " | ".join(n for n in ("teacher", "student", "baseline")

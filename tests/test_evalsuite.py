@@ -106,3 +106,27 @@ def test_sweep_reuses_shared_stages_and_writes_pareto(tmp_path, image_folder, ca
     assert sum("stage features  running" in m for m in messages) == 1
     assert sum("stage features  reused" in m for m in messages) == 1
     assert (tmp_path / "sweep" / "sweep.md").exists() and (tmp_path / "sweep" / "pareto.png").exists()
+
+
+def test_cued_images_follow_the_split_they_depict(tmp_path):
+    """Spurious-cue copies are keyed by the image and cue they show: after images are added to the folder (a new
+    split), every cued training image is still its own source image with its own class's cue, not a stale copy."""
+    from edgedistill.robustness import add_cue
+
+    root = write_noise_folder(tmp_path / "noise")
+    r = tiny_recipe(root, baseline=False, eval={"spurious": "patch"},
+                    train={"epochs": 1, "batch_size": 8, "lr": 0.003, "device": "cpu"})
+    recipe, run = write_recipe(tmp_path / "r.yaml", r), tmp_path / "run"
+    assert main(["recipe", "run", str(recipe), "--out", str(run)]) == 0
+    rng = np.random.default_rng(1)
+    for name in sorted(p.name for p in root.iterdir()):
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / name / f"new{i}.png")
+    assert main(["recipe", "run", str(recipe), "--out", str(run)]) == 0
+    split = json.loads((run / "split.json").read_text())
+    cued = json.loads((run / "spurious" / "cache" / "train" / "keys.json").read_text())
+    assert len(cued) == len(split["train"])
+    for (src, y), path in zip(split["train"], cued):
+        with Image.open(src) as a, Image.open(path) as b:
+            expected = add_cue(a.convert("RGB"), int(y), len(split["classes"]), kind="patch")
+            assert np.array_equal(np.asarray(expected), np.asarray(b.convert("RGB"))), f"{path} is not {src}"

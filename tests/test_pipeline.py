@@ -37,6 +37,17 @@ def test_end_to_end_writes_metrics_and_report(finished_run):
         assert 0 <= metrics[name]["top1"] <= 100
         assert metrics[name]["n"] == metrics["n_test"] > 0
     assert metrics["teacher"]["gflops"] > 0 and metrics["student"]["gflops"] > 0
+    # The teacher's parameters are what it runs: its backbone and the probe head, not the timm model's own classifier.
+    from edgedistill.recipe import Recipe, build
+    from edgedistill.teachers import build_teacher
+
+    import yaml
+
+    teacher = build_teacher(build(Recipe, yaml.safe_load((run / "recipe.yaml").read_text()), "").teacher)
+    head = torch.load(run / "probe" / "head.pt", weights_only=False)
+    classifier = sum(p.numel() for p in teacher.model.get_classifier().parameters())
+    expected = sum(p.numel() for p in teacher.parameters()) - classifier + sum(p.numel() for p in head.parameters())
+    assert classifier > 0 and metrics["teacher"]["params_m"] == pytest.approx(expected / 1e6)
     assert "agreement_with_teacher" in metrics["student"]
     report = (run / "report.md").read_text()
     assert "| student |" in report and "confusion-student.png" in report
@@ -73,6 +84,20 @@ def test_changed_setting_reruns_only_what_depends_on_it(finished_run, caplog):
     for stage in ("split", "features", "probe", "baseline"):
         assert f"stage {stage:<9} reused" in messages
     assert "stage distill   running" in messages
+
+
+def test_a_new_code_version_recomputes_that_stage_and_what_follows(finished_run, caplog, monkeypatch):
+    # A run folder made by older code is never silently reused: every stage's key carries its code version.
+    from edgedistill import pipeline
+
+    recipe, run = finished_run
+    monkeypatch.setitem(pipeline.STAGE_VERSIONS, "features", pipeline.STAGE_VERSIONS["features"] + 1)
+    caplog.set_level("INFO")
+    assert run_cli(recipe, "--out", run) == 0
+    messages = " ".join(r.message for r in caplog.records)
+    assert "stage split     reused" in messages
+    for stage in ("features", "probe", "distill", "baseline", "evaluate"):
+        assert f"stage {stage:<9} running" in messages, stage
 
 
 def test_typo_override_fails_fast_naming_the_key(capsys):

@@ -82,3 +82,14 @@ def test_scrambled_weight_mapping_does_not_know_a_cat(photos):
     scrambled = {a: state[b] for keys in by_shape.values() for a, b in zip(keys, keys[1:] + keys[:1])}
     t.model.load_state_dict(scrambled, strict=False)
     assert not set(imagenet_top5(t, photos["cat"])) & set(CATS)
+
+
+def test_teacher_parameters_count_what_it_runs():
+    # The probed Lite2 teacher runs its backbone and a probe head, never its 1280 x 1000 ImageNet classifier: the
+    # parameter count reported beside its accuracy must leave that classifier out.
+    from edgedistill.evaluate import params_used
+
+    t = build_teacher(TeacherCfg(name="efficientnet-lite", arch="lite2"))
+    total = sum(p.numel() for p in t.parameters())
+    used = params_used(t.flops_model(), 64)
+    assert used == total - (1280 * 1000 + 1000)
