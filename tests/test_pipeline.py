@@ -171,7 +171,10 @@ def test_torchrun_two_processes_match_one(tmp_path, image_folder):
     assert proc.returncode == 0, proc.stderr[-3000:]
     sa = torch.load(one / "student" / "model.pt", weights_only=False)["state_dict"]
     sb = torch.load(two / "student" / "model.pt", weights_only=False)["state_dict"]
-    assert all(torch.allclose(sa[k], sb[k], atol=1e-4, rtol=1e-3) for k in sa)
+    # The two runs differ only in the order of float additions (DDP averages two half-batch gradients); AdamW divides
+    # each update by its gradient's running RMS, which lifts those rounding differences to ~1e-4 in a few weights.
+    # A real DDP bug (ranks on the same or wrong half-batches) moves the loss itself, checked below at 1e-4.
+    assert all(torch.allclose(sa[k], sb[k], atol=5e-4, rtol=1e-3) for k in sa)
     la = [json.loads(x)["loss"] for x in (one / "student" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (two / "student" / "log.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-4)
