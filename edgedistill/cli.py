@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("name", help="built-in recipe name or path to a YAML file")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
     run.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
-    run.add_argument("--seeds", type=int, default=1, help="train with N seeds and report mean and 95%% CI")
+    run.add_argument("--seeds", type=int, default=1,
+                     help="train with N seeds and report the mean and its 95%% Student-t interval")
     run.set_defaults(fn=_recipe_run)
     sweep = rv.add_parser("sweep", help="run a recipe over a grid, e.g. student.name=a,b export.precision=fp32,int8")
     sweep.add_argument("name")
