@@ -6,7 +6,8 @@ Run folder layout::
     RUN/split.json           {"classes", "train", "val", "test", "skipped"}; items are [path, label]
     RUN/stages/<stage>.json  the fingerprint a finished stage was computed with, plus its summary
     RUN/cache/<name>-<key>/  teacher-feature caches (memory-mapped)
-    RUN/probe/head.pt        the teacher's head (probed, zero-shot text head, or its own classifier)
+    RUN/probe/head.pt        the teacher's head as a state dict (probed, zero-shot text head, or its own classifier)
+    RUN/probe/head.json      how to rebuild that head (kind and sizes): nothing in a run folder is unpickled
     RUN/synth/               synthetic images and manifest.jsonl (when the recipe has a synthetic section)
     RUN/student/model.pt     the distilled student (plus checkpoint.pt and log.jsonl)
     RUN/baseline/model.pt    the same student trained CE-only with the same budget
@@ -30,14 +31,14 @@ from .data.cache import FeatureCache, RealViews
 from .evaluate import agreement, classification_metrics, gflops, params_used, plot_confusion
 from .recipe import Recipe, RecipeError, dump_recipe, to_plain
 from .students import LogitsOnly, build_student, save_student, student_input_spec
-from .teachers import Teacher, ZeroShotHead, build_teacher, make_probe_head
+from .teachers import Teacher, ZeroShotHead, build_teacher, load_head, make_probe_head, save_head
 from .train import DistillSet, GlobalBatchSampler, TeacherTargets, predict, train
-from .utils import atomic_torch_save, atomic_write_bytes, atomic_write_text, fingerprint, read_json, write_json
+from .utils import atomic_write_bytes, atomic_write_text, fingerprint, read_json, write_json
 
 log = logging.getLogger(__name__)
 # Part of every stage's key: bump a stage's number when a fix changes what it computes from the same inputs, so a
 # run folder made by older code is recomputed rather than silently reused.
-STAGE_VERSIONS = {"split": 2, "features": 2, "views": 1, "probe": 2, "synth": 2, "distill": 3, "baseline": 3,
+STAGE_VERSIONS = {"split": 2, "features": 2, "views": 1, "probe": 3, "synth": 2, "distill": 3, "baseline": 3,
                   "evaluate": 3, "export": 2, "bench": 2}
 SHARED_STAGES = ("split", "features", "probe", "synth")  # independent of the student and of the seed
 
@@ -362,12 +363,12 @@ def stage_head(run: Run, split: dict, feats: dict) -> torch.nn.Module:
             head, _ = run.teacher().native_head()
         else:
             head = probe(feats["caches"]["train"], split, feats["dim"], t, r.train.seed)
-        atomic_torch_save(head.cpu(), path)
+        save_head(head.cpu(), path)
         return {"kind": t.head}
 
     run.stage("probe", key, compute if distributed.is_main() else dict)
     distributed.barrier()
-    head = torch.load(path, map_location="cpu", weights_only=False).eval()
+    head = load_head(path)
     for p in head.parameters():
         p.requires_grad_(False)
     return head
@@ -402,8 +403,7 @@ def stage_synth(run: Run, split: dict, feats: dict) -> dict:
                        run.recipe.data.augment, run.recipe.data.prompt_names, run.recipe.data.superclass])
     def compute():
         teacher = run.teacher()
-        teacher.head = torch.load(run.shared / "probe" / "head.pt", map_location="cpu",
-                                  weights_only=False).to(run.device)
+        teacher.head = load_head(run.shared / "probe" / "head.pt", run.device)
         n_eval = len(split["val"]) + len(split["test"])
         eval_features = feats["caches"]["eval"].get(np.arange(n_eval)) if n_eval else None
         result = synth_stage(run.recipe, run.shared, teacher, split, run.device, eval_features=eval_features)
@@ -893,6 +893,6 @@ def load_run_teacher(run_dir, device: str = "cpu") -> Teacher:
     # A seed's folder (RUN/seed-k) or a sweep point (SWEEP/points/p) finds the head in the shared folder above.
     head = next((d / "probe" / "head.pt" for d in (run_dir, run_dir.parent, run_dir.parent.parent)
                  if (d / "probe" / "head.pt").exists()), run_dir / "probe" / "head.pt")
-    teacher.head = torch.load(head, map_location=device, weights_only=False).eval()
+    teacher.head = load_head(head, device)
     teacher.class_names = read_json(run_dir / "split.json")["classes"]
     return teacher

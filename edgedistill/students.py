@@ -188,7 +188,7 @@ def load_student(path_or_run, which: str = "student") -> tuple[Student, dict]:
         path = path / which / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"No trained student at {path}: run `edgedistill recipe run` into that folder first")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     recipe = build(Recipe, blob["recipe"], "")
     state = blob["state_dict"]
     text = state.get("zero_shot.text")

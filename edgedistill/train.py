@@ -192,7 +192,7 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "log.jsonl"
     start, rows = 0, []
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt.get("key") == key:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])

@@ -39,12 +39,12 @@ def test_end_to_end_writes_metrics_and_report(finished_run):
     assert metrics["teacher"]["gflops"] > 0 and metrics["student"]["gflops"] > 0
     # The teacher's parameters are what it runs: its backbone and the probe head, not the timm model's own classifier.
     from edgedistill.recipe import Recipe, build
-    from edgedistill.teachers import build_teacher
+    from edgedistill.teachers import build_teacher, load_head
 
     import yaml
 
     teacher = build_teacher(build(Recipe, yaml.safe_load((run / "recipe.yaml").read_text()), "").teacher)
-    head = torch.load(run / "probe" / "head.pt", weights_only=False)
+    head = load_head(run / "probe" / "head.pt")
     classifier = sum(p.numel() for p in teacher.model.get_classifier().parameters())
     expected = sum(p.numel() for p in teacher.parameters()) - classifier + sum(p.numel() for p in head.parameters())
     assert classifier > 0 and metrics["teacher"]["params_m"] == pytest.approx(expected / 1e6)
@@ -187,3 +187,37 @@ def test_online_teacher_with_mixup_trains(tmp_path, image_folder):
     assert main(["recipe", "run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run")]) == 0
     row = json.loads((tmp_path / "run" / "student" / "log.jsonl").read_text().splitlines()[-1])
     assert row["kd"] > 0 and row["ce"] > 0
+
+
+class _RunsCode:
+    """Unpickling this runs code: what a hostile run folder could carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_run_folder_carrying_pickled_code_is_refused(finished_run, tmp_path):
+    # Opening a run folder someone sent you must never run their code: heads, students and checkpoints are read
+    # with weights_only=True, so a pickled callable is refused instead of executed.
+    import pickle
+    import shutil
+
+    from edgedistill.pipeline import load_run_teacher
+    from edgedistill.students import load_student
+
+    _, run = finished_run
+    copy = tmp_path / "sent"
+    shutil.copytree(run, copy)
+    marker = tmp_path / "pwned"
+    torch.save({"fc.weight": _RunsCode(marker)}, copy / "probe" / "head.pt")
+    blob = torch.load(copy / "student" / "model.pt", weights_only=True)
+    torch.save({**blob, "extra": _RunsCode(marker)}, copy / "student" / "model.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_run_teacher(copy)
+    with pytest.raises(pickle.UnpicklingError):
+        load_student(copy)
+    assert not marker.exists(), "unpickling ran the folder's code"
+    assert load_student(run)[1]["class_names"]  # the untouched folder still loads

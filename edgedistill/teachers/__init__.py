@@ -5,6 +5,8 @@ head, ``head(features) -> logits``. Features are what feature distillation targe
 """
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -123,6 +125,50 @@ class ZeroShotHead(nn.Module):
 
 def make_probe_head(kind: str, dim: int, num_classes: int) -> nn.Module:
     return MLPHead(dim, num_classes) if kind == "mlp" else LinearHead(dim, num_classes)
+
+
+def head_spec(head: nn.Module) -> dict:
+    """How to rebuild a teacher head without unpickling it: its kind and sizes (saved beside its state dict)."""
+    if isinstance(head, LinearHead):
+        return {"kind": "linear", "dim": head.fc.in_features, "classes": head.fc.out_features}
+    if isinstance(head, MLPHead):
+        return {"kind": "mlp", "dim": head.net[1].in_features, "classes": head.net[3].out_features}
+    if isinstance(head, ZeroShotHead):
+        return {"kind": "zeroshot", "dim": head.text.shape[1], "classes": head.text.shape[0], "scale": head.scale}
+    if isinstance(head, nn.Linear):  # a timm teacher's own classifier
+        return {"kind": "fc", "dim": head.in_features, "classes": head.out_features, "bias": head.bias is not None}
+    raise TypeError(f"A teacher head of type {type(head).__name__} cannot be saved as a state dict")
+
+
+def build_head(spec: dict) -> nn.Module:
+    """An empty head of ``spec``'s kind and sizes, ready for ``load_state_dict``."""
+    kind, dim, classes = spec["kind"], int(spec["dim"]), int(spec["classes"])
+    if kind in ("linear", "mlp"):
+        return make_probe_head(kind, dim, classes)
+    if kind == "zeroshot":
+        return ZeroShotHead(torch.zeros(classes, dim), scale=float(spec["scale"]))
+    if kind == "fc":
+        return nn.Linear(dim, classes, bias=bool(spec["bias"]))
+    raise ValueError(f"Unknown teacher head kind {kind!r} in a head's JSON")
+
+
+def save_head(head: nn.Module, path) -> None:
+    """``path`` (head.pt) gets the state dict only, ``head.json`` beside it how to rebuild the module."""
+    from ..utils import atomic_torch_save, write_json
+
+    path = Path(path)
+    write_json(path.with_suffix(".json"), head_spec(head))
+    atomic_torch_save({k: v.detach().cpu() for k, v in head.state_dict().items()}, path)
+
+
+def load_head(path, device="cpu") -> nn.Module:
+    """The head saved by ``save_head``; tensors only are read (``weights_only=True``), never pickled code."""
+    import json
+
+    path = Path(path)
+    head = build_head(json.loads(path.with_suffix(".json").read_text()))
+    head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return head.to(device).eval()
 
 
 def build_teacher(cfg) -> Teacher:
