@@ -128,10 +128,29 @@ def read_manifest(path) -> dict:
     return json.loads(file.read_text())
 
 
+def bundle_path(root: Path, name: str) -> Path:
+    """``root / name``, refused when ``name`` leads outside the bundle (an absolute path, ``..``, a link out)."""
+    path = (root / name).resolve()
+    try:
+        path.relative_to(root.resolve())  # raises when not below root (Path.is_relative_to needs 3.9; JetPack 5: 3.8)
+        outside = Path(name).is_absolute()
+    except ValueError:
+        outside = True
+    if outside:
+        raise BundleError(f"Bundle {root}: its manifest points outside the bundle ({name!r}); refusing to load it")
+    return path
+
+
 def verify_files(root: Path, manifest: dict):
-    """Every file the manifest lists exists and has the recorded sha256."""
+    """Every file the manifest lists lies inside the bundle, exists and has the recorded sha256; the model file the
+    runtime will open is one of them."""
+    referenced = [manifest["model_file"]] + [v for k, v in manifest.items() if k == "reference" and isinstance(v, str)]
+    for name in referenced:
+        if name not in manifest["files"]:
+            raise BundleError(f"Bundle {root}: {name} is not in the manifest's sha256 table, so it cannot be checked; "
+                              "refusing to load it. Re-export the bundle.")
     for name, expected in manifest["files"].items():
-        path = root / name
+        path = bundle_path(root, name)
         if not path.is_file():
             raise BundleError(f"Bundle {root} is incomplete: {name} is missing")
         actual = sha256_file(path)
@@ -205,6 +224,7 @@ def load_bundle(path, threads: int = 0, verify: bool = True, device: str = "") -
     runner = BACKENDS.get(manifest["format"])
     if runner is None:
         raise BundleError(f"Bundle {root} has format {manifest['format']!r}; this runtime knows {sorted(BACKENDS)}")
+    bundle_path(root, manifest["model_file"])  # even unverified, a bundle never opens a file outside itself
     return Bundle(root, manifest, runner(root, manifest, threads, device))
 
 

@@ -94,6 +94,29 @@ def test_altered_bundle_is_refused_on_the_device(device, tmp_path):
     assert done.returncode == 2 and "model.onnx changed after export" in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("tamper", ["outside", "unlisted"])
+def test_manifest_pointing_outside_or_at_an_unchecked_file_is_refused(device, tmp_path, tamper):
+    # A manifest that sends the runtime to a file outside the bundle, or to one its sha256 table does not cover,
+    # would run a model nobody checked: run.py refuses, with one line and exit code 2.
+    bundle = tmp_path / "onnx-int8"
+    shutil.copytree(device / "onnx-int8", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if tamper == "outside":
+        shutil.copy(bundle / "model.onnx", tmp_path / "other.onnx")
+        manifest["model_file"] = "../other.onnx"
+        manifest["files"]["../other.onnx"] = manifest["files"]["model.onnx"]
+        expected = "points outside the bundle"
+    else:
+        shutil.copy(bundle / "model.onnx", bundle / "other.onnx")
+        manifest["model_file"] = "other.onnx"
+        expected = "not in the manifest's sha256 table"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    Image.new("RGB", (20, 20)).save(tmp_path / "x.png")
+    done = subprocess.run([sys.executable, str(device / "run.py"), "predict", str(bundle), str(tmp_path / "x.png")],
+                          env=no_torch_env(device), check=False, capture_output=True, text=True)
+    assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_load_bundle_api(run_dir):
     bundle = rt.load_bundle(run_dir / "export" / "onnx-fp32", threads=1)
     assert bundle.class_names == ["red", "green", "blue"] and bundle.name == "onnx-fp32"
