@@ -65,10 +65,30 @@ def classify(models: DemoModels, payload, backend, class_text, k) -> dict:
     except (InputError, BackendUnavailable) as e:
         result = {"ok": False, "message": str(e)}
     except Exception as e:  # a bug must cost one request, not the server
-        log.exception("demo request failed")
-        result = {"ok": False, "message": f"Internal error while classifying: {type(e).__name__}: {e}"}
+        ref = log_failure("demo request failed", e)
+        result = {"ok": False, "message": f"Something went wrong while classifying this image (reference {ref} in "
+                                          "the server log)."}
     result["request_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
     return result
+
+
+def log_failure(what: str, e: Exception) -> str:
+    """Log ``e`` with its traceback for the operator; return a short reference the visitor can quote."""
+    ref = f"{time.time_ns() % 0xFFFFFF:06x}"
+    log.error("%s [ref %s]", what, ref, exc_info=e)
+    return ref
+
+
+def why_unavailable(e: Exception, what: str) -> str:
+    """A visitor-safe reason: the kind of failure, never the exception's text (paths, hosts, internals)."""
+    from edgedistill.teachers import WeightsUnavailable
+
+    ref = log_failure(f"{what} unavailable", e)
+    if isinstance(e, WeightsUnavailable):
+        return "its weights are not on this server"
+    if isinstance(e, ImportError):
+        return "its runtime is not installed on this server"
+    return f"it failed to load (reference {ref} in the server log)"
 
 
 def clamp_k(k, models: DemoModels) -> int:
@@ -107,7 +127,7 @@ def load_backend(models: DemoModels, backend: str):
     try:
         return choice.lazy.get()
     except Exception as e:
-        raise BackendUnavailable(f"The {backend} backend cannot run here: {e}") from e
+        raise BackendUnavailable(f"The {backend} backend cannot run here: {why_unavailable(e, backend)}.") from e
 
 
 def resolve_classes(models: DemoModels, backend: str, typed: list, notes: list):
@@ -126,8 +146,8 @@ def resolve_classes(models: DemoModels, backend: str, typed: list, notes: list):
     try:
         teacher = models.teacher.get()
     except Exception as e:
-        notes.append(f"The teacher's text encoder is not available ({e}), so the {len(own)} classes precomputed at "
-                     "training are used instead of the typed ones.")
+        notes.append(f"The teacher's text encoder is not available ({why_unavailable(e, 'teacher')}), so the "
+                     f"{len(own)} classes precomputed at training are used instead of the typed ones.")
         return own, None
     if not teacher.embeds_text:
         notes.append(f"The teacher {teacher.name!r} has no text encoder, so the {len(own)} classes precomputed at "
@@ -142,7 +162,7 @@ def teacher_answer(models: DemoModels, img, names, text, notes: list):
     try:
         teacher = models.teacher.get()
     except Exception as e:
-        notes.append(f"The teacher is not shown: {e}")
+        notes.append(f"The teacher is not shown: {why_unavailable(e, 'teacher')}.")
         return None
     return teacher.scores(img, names, text)
 

@@ -48,7 +48,7 @@ def read_image(path) -> Image.Image:
     except UnidentifiedImageError:
         raise InputError("That file is not an image this demo can read (use PNG, JPEG, WebP, BMP, TIFF or GIF).")
     except OSError as e:
-        raise InputError(f"The file could not be opened as an image ({e}).")
+        raise InputError("The file could not be opened as an image.") from e
     # 2. Is it small enough to decode? The size is known before any pixel is.
     w, h = img.size
     if w * h > MAX_PIXELS:
@@ -63,7 +63,7 @@ def read_image(path) -> Image.Image:
         rgb = to_rgb(img)
         return rgb.copy() if rgb is img else rgb  # the original is closed below
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError(f"The image file is damaged or truncated ({e}).")
+        raise InputError("The image file is damaged or truncated.") from e
     finally:
         img.close()
 

@@ -3,6 +3,7 @@ on the page while the server goes on serving, and the safe defaults.
 
 The runs come from the real pipeline (`recipe run` on a tiny recipe), trained in seconds on CPU.
 """
+import json
 import os
 import socket
 import struct
@@ -393,6 +394,25 @@ def test_zero_shot_without_text_encoder_uses_precomputed_classes(serve, zs_run):
     r = ask(client, held_out_images(zs_run)["blue"], classes="cat\ndog")
     assert r["ok"] and r["classes"] == read_classes(zs_run) and "teacher" not in r
     assert "precomputed" in r["summary"] and "not available" in r["summary"]
+
+
+def test_a_failing_backend_or_teacher_never_shows_its_exception_text(serve, closed_run, images):
+    # What an exception says (paths, hosts, internals) stays in the server log; the visitor gets the kind of failure.
+    from edgedistill.demo.models import Lazy
+
+    secret = "/srv/private/model-store token=abc123"
+
+    def broken(models):
+        def fail():
+            raise RuntimeError(secret)
+        for choice in models.backends.values():
+            choice.lazy = Lazy(fail)
+        models.teacher = Lazy(fail)
+
+    client, _ = serve(closed_run, broken)
+    r = ask(client, images["red"], run=closed_run)
+    assert not r["ok"] and "cannot run here" in r["message"] and "server log" in r["message"]
+    assert secret not in json.dumps(r)
 
 
 def test_bundle_alone_serves_its_own_backend(serve, closed_run, images):
