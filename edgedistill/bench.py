@@ -121,12 +121,7 @@ def bundle_target(folder: Path, threads: int, backends) -> Target | None:
         return lambda: bundle.predict(x)
 
     return Target(manifest["runtime"]["name"], manifest["precision"], make,
-                  (manifest.get("accuracy") or {}).get("top1"), str(folder), runtime_settings(bundle))
-
-
-def runtime_settings(bundle) -> dict:
-    """Threads and execution providers as the very session being timed reports them (``Bundle.settings``)."""
-    return {**NOT_REPORTED, **bundle.settings}
+                  (manifest.get("accuracy") or {}).get("top1"), str(folder), bundle.settings)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -276,7 +276,7 @@ def teacher_key(recipe: Recipe) -> str:
 
 def open_caches(run: Run, split: dict, tdim: int, crop: float) -> dict:
     """The shared real-image caches, un-augmented view only: train and eval (val + test)."""
-    d, tkey = run.recipe.data, teacher_key(run.recipe)
+    tkey = teacher_key(run.recipe)
     out = {}
     for name, items in {"train": split["train"], "eval": split["val"] + split["test"]}.items():
         meta = {"teacher": tkey, "crop_pct": crop, "keys": fingerprint(items),
@@ -781,14 +781,8 @@ def combine_seeds(run: Run, results: list[dict]) -> dict:
             title, _, rest = metrics[extra]["markdown"].partition("\n")
             metrics[extra] = {**metrics[extra], "seed": 0, "markdown": f"{title} (seed 0)\n{rest}"}
     if all("robustness" in m for m in results):
-        from .stats import mean_ci
-
-        for name in ("teacher", "student"):
-            for key in ("mpc", "rpc"):
-                values = [m["robustness"][name][key] for m in results]
-                mean, hw = mean_ci(values)
-                metrics["seeds"].setdefault("robustness", {}).setdefault(name, {})[key] = {
-                    "mean": mean, "ci95": hw, "n": len(values), "values": values}
+        metrics["seeds"]["robustness"] = aggregate_metrics(
+            [{n: {k: m["robustness"][n][k] for k in ("mpc", "rpc")} for n in ("teacher", "student")} for m in results])
     return metrics
 
 

@@ -144,11 +144,10 @@ def bundle_path(root: Path, name: str) -> Path:
 def verify_files(root: Path, manifest: dict):
     """Every file the manifest lists lies inside the bundle, exists and has the recorded sha256; the model file the
     runtime will open is one of them."""
-    referenced = [manifest["model_file"]] + [v for k, v in manifest.items() if k == "reference" and isinstance(v, str)]
-    for name in referenced:
-        if name not in manifest["files"]:
-            raise BundleError(f"Bundle {root}: {name} is not in the manifest's sha256 table, so it cannot be checked; "
-                              "refusing to load it. Re-export the bundle.")
+    model_file = manifest["model_file"]
+    if model_file not in manifest["files"]:
+        raise BundleError(f"Bundle {root}: {model_file} is not in the manifest's sha256 table, so it cannot be "
+                          "checked; refusing to load it. Re-export the bundle.")
     for name, expected in manifest["files"].items():
         path = bundle_path(root, name)
         if not path.is_file():

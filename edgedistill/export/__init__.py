@@ -182,7 +182,7 @@ def export_one(job, name: str, precision: str) -> dict:
 
     Every attempt of the ladder (e.g. INT8 with some layers in float, INT8-aware fine-tuning) is built and scored by
     its top-1 agreement with PyTorch on the selection split; the best ships (the earlier, cheaper one on a tie).
-    A last-resort attempt (``last_resort``: NNCF accuracy control) runs only when no other reached the gate plus
+    A last-resort attempt (``LAST_RESORT``: NNCF accuracy control) runs only when no other reached the gate plus
     ``export.selection_margin``. Stopping at the first attempt over the gate would ship whichever crossed it by a
     single lucky selection image. Only the chosen bundle is measured on the test split, and that measurement alone
     decides pass or fail: test-split figures never choose between attempts, so they are not selected for.
@@ -211,9 +211,9 @@ def export_one(job, name: str, precision: str) -> dict:
     selection = {"split": job.selection.split, "images": agreement["images"], "source": job.selection.source,
                  "top1_agreement": agreement["top1_agreement"], "cosine_mean": agreement["cosine_mean"],
                  "gate": gate, "margin": job.cfg.selection_margin, "reached_gate": agreement["top1_agreement"] >= gate,
-                 "chosen_attempt": chosen, "rule": "the best selection agreement among all attempts (the earlier on a tie); "
-                 "accuracy control only when none reached the gate", **{k: v for k, v in job.pools.selection_info.items()
-                                                   if k in ("requested", "seed", "note")}}
+                 "chosen_attempt": chosen, "rule": "the best selection agreement among all attempts (the earlier on "
+                 "a tie); accuracy control only when none reached the gate",
+                 **{k: v for k, v in job.pools.selection_info.items() if k in ("requested", "seed", "note")}}
     attempts = [{**a, "selection_agreement": o["top1_agreement"]} for _, a, o in tried]
     return finish_bundle(job, folder, {**outcome, "selection": selection, "attempts": attempts})
 

@@ -15,11 +15,12 @@ from .images import load_pixels, random_pixels, sample, stratified_holdout
 
 log = logging.getLogger(__name__)
 
-# Tried in order until one agrees well enough with PyTorch on the selection split (peers' INT8 top-1 collapses:
-# ultralytics #22644, TensorRT #1834): everything in INT8; then the first conv and the class head kept in float
-# (the usual mixed-precision fix); then the 4, 8 or 12 layers whose quantization moves the scores most (``sensitivity_ranking``) kept in float; then
-# the 4 kept float and the rest INT8-aware fine-tuned first (``qat.py``, minutes on a CPU, hence late); or, where
-# the backend can, an accuracy-controlled search that reverts the layers that hurt agreement most.
+# Every attempt is built and scored on the selection split, and the best ships (``export.export_one``; peers' INT8
+# top-1 collapses: ultralytics #22644, TensorRT #1834): everything in INT8; the first conv and the class head kept
+# in float (the usual mixed-precision fix); the 4, 8 or 12 layers whose quantization moves the scores most
+# (``sensitivity_ranking``) kept in float; the 4 kept float and the rest INT8-aware fine-tuned first (``qat.py``,
+# minutes on a CPU, hence late); and, only when none of those reached the gate and the backend can, an
+# accuracy-controlled search that reverts the layers that hurt agreement most.
 INT8_ATTEMPTS = ({"mode": "full"}, {"mode": "keep_ends_float"}, {"mode": "sensitive_float", "keep": 4},
                  {"mode": "sensitive_float", "keep": 8}, {"mode": "sensitive_float", "keep": 12},
                  {"mode": "sensitive_float", "keep": 4, "finetune": True}, {"mode": "accuracy_control"})

@@ -4,7 +4,6 @@ Every teacher gives ``encode(images) -> features`` (what the teacher-feature cac
 head, ``head(features) -> logits``. Features are what feature distillation targets; logits feed KD.
 """
 from dataclasses import dataclass, field
-
 from pathlib import Path
 
 import torch
