@@ -26,17 +26,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from edgedistill.target.run import input_pixels, load_image, normalize
 
-from edgedistill.bench import measure_interleaved, prepare_calls, rows_for, run_targets, same_round_speedup
+from edgedistill.bench import measure_interleaved, prepare_calls, rows_for, timed_in_run, same_round_speedup
 from edgedistill.evaluate import gflops
 from edgedistill.export import ExportError, export_run
+from edgedistill.runtime.preprocess import input_pixels, load_image, normalize
 from edgedistill.recipe import ExportCfg, Recipe, build, dump_recipe
 from edgedistill.students import Student, save_student
 from edgedistill.teachers import InputSpec
 
 log = logging.getLogger("export_latency")
-BACKENDS = ("pytorch", "onnxruntime", "openvino")
+TIMED_BACKENDS = ("pytorch", "onnxruntime", "openvino")
 TARGETS = {"fp32_vs_eager": 1.5, "int8_vs_fp32": 1.3, "max_top1_drop_points": 1.0, "max_flop_ratio": 1.3}
 
 
@@ -107,7 +107,7 @@ def stand_in_run(folder: Path, name: str, weights: str, size: int, spec: InputSp
     if (folder / "student" / "model.pt").is_file():
         return folder
     torch.manual_seed(0)
-    recipe = build(Recipe, {"name": f"bench-{name}", "student": {"name": name, "weights": weights},
+    recipe = build(Recipe, {"name": f"bench-{name}", "student": {"name": name, "packaged_weights": weights},
                             "data": {"image_size": size}, "loss": {"ce": 1.0}}, "")
     split = textile_split()
     student = build_student(recipe, len(split["classes"]), 0).eval()
@@ -164,8 +164,8 @@ def export(run: Path, reexport: bool, random_weights: bool):
 def measure(run: Path, args) -> list:
     """``edgedistill.bench`` rows at batch 1 (same-round ``x_eager``, threads, providers, memory format), plus each
     bundle's export agreement and the best round's p50 as an extra, labelled column."""
-    targets = run_targets(run, args.threads, BACKENDS)
-    calls, _ = prepare_calls(targets, [1])
+    timed = timed_in_run(run, args.threads, TIMED_BACKENDS)
+    calls, _ = prepare_calls(timed, [1])
     rows = rows_for(measure_interleaved(calls, args.warmup, args.iters, args.rounds), args.threads, args.warmup)
     for r in rows:
         manifest = json.loads((Path(r["bundle"]) / "manifest.json").read_text()) if r["bundle"] else {}
@@ -229,8 +229,8 @@ def main(argv=None) -> int:
         export(run, args.reexport, random_weights=model == "tiny_vit_11m_224")
         from edgedistill.students import LogitsOnly, load_student
 
-        student, blob = load_student(run)
-        flops = gflops(LogitsOnly(student).eval(), int(blob["input"]["size"])) * 1e9
+        student, saved = load_student(run)
+        flops = gflops(LogitsOnly(student).eval(), int(saved["input"]["size"])) * 1e9
         rows = measure(run, args)
         summary = summarize(model, rows, flops, rate)
         print_report(model, rows, summary)

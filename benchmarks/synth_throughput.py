@@ -3,8 +3,8 @@
 generators (LCM-LoRA, Turbo) over the 50-step model they come from.
 
 Speed does not depend on the weights, so every model is built with random weights from its published diffusers
-config (written out below): nothing is downloaded. Images go through the engine's own path (``synth.draw``: weighted
-prompt encoding, per-image seeded noise, batched denoising, VAE decode).
+config (written out below): nothing is downloaded. Images go through the engine's own path
+(``generators.draw``: weighted prompt encoding, per-image seeded noise, batched denoising, VAE decode).
 
     python benchmarks/synth_throughput.py                    # GPU: fp16, 512/1024 px, 8 images per generator
     python benchmarks/synth_throughput.py --quick            # CPU smoke: 128 px, 1 image, SD 1.x/2.x only
@@ -18,8 +18,8 @@ from dataclasses import replace
 
 import torch
 
-from edgedistill.data import synth
-from edgedistill.data.synth import GENERATORS, Job, Settings
+from edgedistill.data.generation import Job
+from edgedistill.data.generators import GENERATORS, Settings, draw
 from edgedistill.data.tiny_sd import clip_tokenizer
 
 # Published configs (diffusers config.json of each model's unet / vae / text_encoder), trimmed to what differs
@@ -94,14 +94,14 @@ def random_pipeline(arch: str, dtype):
 
 
 def seconds_per_image(pipe, settings: Settings, images: int, device: str) -> float:
-    spec = GENERATORS.get(settings.generator)
+    entry = GENERATORS.get(settings.generator)
     prompt = "a photo of a (keeshond:1.5) ((dog:1.2)), a cozy living room, 10:00 AM, sitting on a blanket"
     jobs = [Job("keeshond", 0, i, 1000 + i, prompt) for i in range(images)]
-    synth.draw(pipe, spec, replace(settings, steps=1), jobs[:1])  # warm-up (kernels, allocator)
+    draw(pipe, entry, replace(settings, steps=1), jobs[:1])  # warm-up (kernels, allocator)
     sync(device)
     start = time.perf_counter()
     for k in range(0, images, settings.batch_size):
-        synth.draw(pipe, spec, settings, jobs[k:k + settings.batch_size])
+        draw(pipe, entry, settings, jobs[k:k + settings.batch_size])
     sync(device)
     return (time.perf_counter() - start) / images
 
@@ -130,9 +130,9 @@ def run(args) -> list[dict]:
             if case_arch != arch or (args.generators and name not in args.generators):
                 continue
             pipe.scheduler = scheduler(sched)
-            spec = GENERATORS.get(name)
-            for size in args.sizes or [spec.size]:
-                s = Settings(name, spec.model_id, spec.lora_id, spec.steps, spec.guidance, size, "", args.batch)
+            entry = GENERATORS.get(name)
+            for size in args.sizes or [entry.size]:
+                s = Settings(name, entry.model_id, entry.lora_id, entry.steps, entry.guidance, size, "", args.batch)
                 ips, how = images_per_second(pipe, s, args, device)
                 rows.append({"generator": name, "size": size, "steps": s.steps, "guidance": s.guidance, "ips": ips,
                              "how": how})

@@ -18,11 +18,13 @@ import torch
 from edgedistill import distributed
 from edgedistill.data import make_split
 from edgedistill.data.cache import FeatureCache
-from edgedistill.pipeline import Run, TeacherForTraining, probe, student_spec
-from edgedistill.recipe import load_recipe
+from edgedistill.distill import TeacherForTraining, student_spec
+from edgedistill.run_folder import Run
+from edgedistill.stages import probe
+from edgedistill.checks import load_checked
 from edgedistill.students import build_student
 from edgedistill.teachers import build_teacher
-from edgedistill.train import DistillSet, GlobalBatchSampler, TeacherTargets, train
+from edgedistill.train import DistillSet, GlobalBatchSampler, TeacherFeatures, train
 
 
 def timed(fn, n_images: int) -> float:
@@ -39,7 +41,7 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
-    recipe = load_recipe(args.recipe, args.overrides + ["train.epochs=1", f"train.device={args.device}"])
+    recipe = load_checked(args.recipe, args.overrides + ["train.epochs=1", f"train.device={args.device}"])
     split = make_split(recipe.data)
     items = [tuple(it) for it in split["train"][: args.images]]
     teacher = build_teacher(recipe.teacher).to(args.device)
@@ -86,8 +88,8 @@ def main(argv=None):
         if recipe.teacher.head in ("linear", "mlp") else teacher.head
     for mode in ("online", "cached"):
         model = build_student(recipe, len(split["classes"]), teacher.feature_dim)
-        targets = TeacherTargets()
-        targets.add(cache, np.arange(len(items)))
+        teacher_features = TeacherFeatures()
+        teacher_features.add(cache, np.arange(len(items)))
         online = mode == "online"
         ds = DistillSet(items, spec.to_dict(), tspec.to_dict(), recipe.data.augment, recipe.data.views, crop,
                         0, online=online)
@@ -95,7 +97,7 @@ def main(argv=None):
         cfg = dataclasses.replace(recipe.train, epochs=1)
         out = folder / mode
         rate = timed(lambda: train(model, ds, sampler, cfg, recipe.loss, out, mode,
-                                   teacher=TeacherForTraining(run, head), targets=targets,
+                                   teacher=TeacherForTraining(run, head), teacher_features=teacher_features,
                                    device=args.device, desc=mode), len(sampler) * sampler.batch)
         print(f"distill epoch, {mode:<7} {rate:8.1f} img/s")
     distributed.barrier()

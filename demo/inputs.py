@@ -6,8 +6,9 @@ import re
 import warnings
 from pathlib import Path
 
-from edgedistill.target.run import to_rgb
 from PIL import Image, UnidentifiedImageError
+
+from edgedistill.runtime.preprocess import to_rgb
 
 MAX_UPLOAD = "20mb"            # Gradio refuses larger uploads before they reach the app
 MAX_PIXELS = 40_000_000        # a 20 MB PNG can still decode to gigabytes; refuse before decoding

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from edgedistill.target.run import MANIFEST, load_bundle, preprocess, read_manifest, softmax
+
+from edgedistill.runtime.preprocess import preprocess
+from edgedistill.runtime.run import MANIFEST, load_bundle, read_manifest, softmax
 
 FORMAT_NAMES = {"onnx": "ONNX", "openvino": "OpenVINO", "tensorrt": "TensorRT"}
 PYTORCH = "PyTorch"
@@ -70,8 +72,8 @@ class TorchStudent:
         from edgedistill.students import load_student
 
         self.torch = torch
-        self.model, blob = load_student(run_dir)
-        self.spec, self.class_names = blob["input"], list(blob["class_names"])
+        self.model, saved = load_student(run_dir)
+        self.spec, self.class_names = saved["input"], list(saved["class_names"])
         self.zero_shot = self.model.zero_shot is not None
 
     def scores(self, img, names, text=None) -> Answer:
@@ -108,13 +110,13 @@ class TeacherModel:
     def __init__(self, run_dir: Path):
         import torch
 
-        from edgedistill.pipeline import load_run_recipe, load_run_teacher
+        from edgedistill.run_folder import load_run_recipe, load_run_teacher
 
         self.torch = torch
         self.recipe = load_run_recipe(run_dir)
         self.teacher = load_run_teacher(run_dir)
         spec = self.teacher.info.input.to_dict()
-        # The probe head was fitted on features of exactly this view (pipeline.eval_crop).
+        # The probe head was fitted on features of exactly this view (stages.view_crop).
         self.spec = {**spec, "crop_pct": self.recipe.data.crop_pct or spec["crop_pct"]}
         self.class_names = list(self.teacher.class_names)
         self._text_cache, self._text_lock = {}, threading.Lock()
@@ -130,7 +132,7 @@ class TeacherModel:
 
     def text_embeddings(self, names) -> np.ndarray:
         """Normalised [K, D] text embeddings of ``names`` with the run's prompt templates (cached per list)."""
-        from edgedistill.pipeline import class_prompt_names
+        from edgedistill.stages import class_prompt_names
 
         key = tuple(names)
         with self._text_lock:
@@ -261,7 +263,7 @@ class DemoModels:
 
 
 def read_run_recipe(run_dir: Path):
-    """``pipeline.load_run_recipe`` without importing torch (the server starts while the models load)."""
+    """``run_folder.load_run_recipe`` without importing torch (the server starts while the models load)."""
     import yaml
 
     from edgedistill.recipe import Recipe, build

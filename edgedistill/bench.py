@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import read_json, write_json
+from .utils import atomic_write_text, read_json, write_json
 
 log = logging.getLogger(__name__)
-BACKENDS = ("pytorch", "torch-compile", "onnxruntime", "openvino", "tensorrt")
+BENCH_BACKENDS = ("pytorch", "torch-compile", "onnxruntime", "openvino", "tensorrt")
 NOT_REPORTED = {"runtime_threads": None, "providers": None, "memory_format": None}  # every row has these keys
 
 
 @dataclass(eq=False)
-class Target:
+class Timed:
     """Something to time: ``make(batch)`` returns a no-argument call running one batch.
 
     ``settings`` is how it runs, as the runtime reports it: ``runtime_threads``, ``providers``, ``memory_format``.
@@ -52,7 +52,7 @@ def output_dir(path: Path) -> Path:
     return path
 
 
-def run_targets(run_dir: Path, threads: int, backends) -> list:
+def timed_in_run(run_dir: Path, threads: int, backends) -> list:
     bundles = sorted(p.parent for p in (run_dir / "export").glob("*/manifest.json"))
     manifests = [read_json(b / "manifest.json") for b in bundles]
     top1 = next((m["accuracy"]["pytorch_top1"] for m in manifests if (m.get("accuracy") or {}).get("pytorch_top1")
@@ -60,23 +60,23 @@ def run_targets(run_dir: Path, threads: int, backends) -> list:
     if top1 is None and (run_dir / "metrics.json").is_file():
         top1 = (read_json(run_dir / "metrics.json").get("student") or {}).get("top1")
         top1 = top1 / 100 if top1 is not None and top1 > 1 else top1  # metrics.json records percent
-    targets = []
+    timed = []
     if {"pytorch", "torch-compile"} & set(backends):
-        targets += torch_targets(run_dir, top1, backends)
-    return targets + [t for b in bundles if (t := bundle_target(b, threads, backends))]
+        timed += timed_pytorch(run_dir, top1, backends)
+    return timed + [t for b in bundles if (t := timed_bundle(b, threads, backends))]
 
 
-def torch_targets(run_dir: Path, top1, backends) -> list:
+def timed_pytorch(run_dir: Path, top1, backends) -> list:
     import torch
 
     from .students import LogitsOnly, load_student
 
-    student, blob = load_student(run_dir)
+    student, saved = load_student(run_dir)
     # Time the layout training ran in (channels_last unless the recipe turned it off): that is how this student
     # runs in PyTorch, and a contiguous-NCHW baseline can take slower oneDNN paths, inflating every "x eager".
-    channels_last = (blob["recipe"].get("train") or {}).get("channels_last", True)
+    channels_last = (saved["recipe"].get("train") or {}).get("channels_last", True)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    model, size = LogitsOnly(student).eval().to(memory_format=layout), int(blob["input"]["size"])
+    model, size = LogitsOnly(student).eval().to(memory_format=layout), int(saved["input"]["size"])
 
     def inputs(batch):
         return torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
@@ -93,7 +93,7 @@ def torch_targets(run_dir: Path, top1, backends) -> list:
     settings = {"runtime_threads": torch.get_num_threads(), "providers": None,
                 "memory_format": str(layout).removeprefix("torch.")}
     pairs = (("pytorch", eager), ("torch-compile", compiled))
-    return [Target(name, "fp32", make, top1, settings=settings) for name, make in pairs if name in backends]
+    return [Timed(name, "fp32", make, top1, settings=settings) for name, make in pairs if name in backends]
 
 
 def torch_call(fn, x):
@@ -103,8 +103,8 @@ def torch_call(fn, x):
         return fn(x)
 
 
-def bundle_target(folder: Path, threads: int, backends) -> Target | None:
-    from .target.run import load_bundle, read_manifest
+def timed_bundle(folder: Path, threads: int, backends) -> Timed | None:
+    from .runtime.run import load_bundle, read_manifest
 
     manifest = read_manifest(folder)
     if manifest["runtime"]["name"] not in backends:
@@ -120,7 +120,7 @@ def bundle_target(folder: Path, threads: int, backends) -> Target | None:
         x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
         return lambda: bundle.predict(x)
 
-    return Target(manifest["runtime"]["name"], manifest["precision"], make,
+    return Timed(manifest["runtime"]["name"], manifest["precision"], make,
                   (manifest.get("accuracy") or {}).get("top1"), str(folder), bundle.settings)
 
 
@@ -130,7 +130,7 @@ def bundle_target(folder: Path, threads: int, backends) -> Target | None:
 
 def measure_interleaved(calls: dict, warmup: int, iters: int, rounds: int = 5) -> dict:
     """Milliseconds per call for each entry of ``calls``, as a list of rounds; the entries take turns each round."""
-    from .target.run import time_calls
+    from .runtime.run import time_calls
 
     rounds = max(1, min(rounds, iters))
     samples = {key: [] for key in calls}
@@ -154,10 +154,10 @@ def same_round_speedup(baseline: list, candidate: list) -> float:
     return float(np.median(base / cand))
 
 
-def prepare_calls(targets: list, batches) -> tuple[dict, dict]:
+def prepare_calls(timed: list, batches) -> tuple[dict, dict]:
     """(target, batch) -> call, skipping those that fail to build (``torch.compile`` without a compiler...)."""
     calls, skipped = {}, {}
-    for t in targets:
+    for t in timed:
         for b in batches:
             try:
                 calls[(t, b)] = t.make(b)
@@ -190,7 +190,7 @@ def host_info() -> dict:
 
 def rows_for(samples: dict, threads: int, warmup: int) -> list:
     from .export.bundle import library_versions
-    from .target.run import latency_stats
+    from .runtime.run import latency_stats
 
     host, versions = host_info(), library_versions()
     rows = []
@@ -276,7 +276,7 @@ def plot(rows: list, path: Path):
 
 def write_reports(out: Path, rows: list, skipped: dict):
     write_json(out / "bench.json", rows)
-    (out / "bench.md").write_text(markdown(rows, skipped))
+    atomic_write_text(out / "bench.md", markdown(rows, skipped))
     plot(rows, out / "bench.png")
     log.info("Benchmark of %s:\n%s", out, markdown(rows, skipped))
 
@@ -285,27 +285,27 @@ def write_reports(out: Path, rows: list, skipped: dict):
 # Entry points
 
 
-def check_backends(backends) -> tuple:
+def check_bench_backends(backends) -> tuple:
     from .recipe import RecipeError
 
-    backends = tuple(backends or BACKENDS)
-    unknown = [b for b in backends if b not in BACKENDS]
+    backends = tuple(backends or BENCH_BACKENDS)
+    unknown = [b for b in backends if b not in BENCH_BACKENDS]
     if unknown:
-        raise RecipeError(f"Unknown benchmark backend(s) {unknown}; choose from {list(BACKENDS)}")
+        raise RecipeError(f"Unknown benchmark backend(s) {unknown}; choose from {list(BENCH_BACKENDS)}")
     return backends
 
 
-def group_targets(paths, threads: int, backends) -> dict:
-    """Output folder -> targets, each bundle once even when named both directly and through its run."""
+def group_timed(paths, threads: int, backends) -> dict:
+    """Output folder -> timed, each bundle once even when named both directly and through its run."""
     groups, seen = {}, set()
     for path in map(Path, paths):
         if is_run_dir(path):
-            targets = run_targets(path, threads, backends)
+            timed = timed_in_run(path, threads, backends)
         elif (path / "manifest.json").is_file():
-            targets = [t for t in [bundle_target(path, threads, backends)] if t]
+            timed = [t for t in [timed_bundle(path, threads, backends)] if t]
         else:
             raise FileNotFoundError(f"{path} is neither a run folder (student/model.pt) nor a bundle (manifest.json)")
-        fresh = [t for t in targets if t.bundle is None or t.bundle not in seen]
+        fresh = [t for t in timed if t.bundle is None or t.bundle not in seen]
         seen.update(t.bundle for t in fresh if t.bundle)
         groups.setdefault(output_dir(path), []).extend(fresh)
     return groups
@@ -321,18 +321,18 @@ def bench_paths(paths, batches=(1,), threads: int = 0, warmup: int = 10, iters: 
         threads: CPU threads for every backend (0: each runtime's default).
         warmup: untimed calls before timing each (target, batch).
         iters: timed calls per (target, batch), spread over ``rounds`` interleaved rounds.
-        backends: names from ``BACKENDS`` to time; empty: all that are present.
+        backends: names from ``BENCH_BACKENDS`` to time; empty: all that are present.
     """
     import torch
 
-    backends = check_backends(backends)
+    backends = check_bench_backends(backends)
     default_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         all_rows = []
-        for out, targets in group_targets(paths, threads, backends).items():
-            calls, skipped = prepare_calls(targets, [int(b) for b in batches])
+        for out, timed in group_timed(paths, threads, backends).items():
+            calls, skipped = prepare_calls(timed, [int(b) for b in batches])
             rows = rows_for(measure_interleaved(calls, warmup, iters, rounds), threads, warmup)
             write_reports(out, rows, skipped)
             all_rows += rows

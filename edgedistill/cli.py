@@ -1,10 +1,21 @@
 """The only place that parses argv. ``main(argv) -> int`` is callable from tests.
 
 Each verb imports its implementation inside its handler, so ``edgedistill --help`` stays light.
+
+Exit codes: 0 done; 2 a problem the user can fix (a bad recipe, key or data folder, missing weights or backend, a
+refused file), stated in one line; 1 an unexpected error, one line naming its type (``-v`` adds the traceback);
+130 interrupted.
 """
 import argparse
 import logging
+import re
 import sys
+import traceback
+from pathlib import Path
+
+RESUMABLE = {"run", "sweep", "synth"}  # verbs whose finished stages a re-run reuses
+KNOWN_ERRORS = (("recipe", "RecipeError"), ("data", "DataError"), ("teachers", "WeightsUnavailable"),
+                ("export", "ExportError"), ("runtime.run", "BundleError"))  # (module, exception) exit 2
 
 
 def _recipe_list(args):
@@ -21,15 +32,15 @@ def _recipe_list(args):
 def _recipe_show(args):
     from .recipe import dump_recipe, load_recipe
 
-    print(dump_recipe(load_recipe(args.name, args.overrides, check_names=False)), end="")
+    print(dump_recipe(load_recipe(args.name, args.overrides)), end="")
     return 0
 
 
 def _recipe_run(args):
+    from .checks import load_checked
     from .pipeline import run_recipe
-    from .recipe import load_recipe
 
-    recipe = load_recipe(args.name, args.overrides)
+    recipe = load_checked(args.name, args.overrides)
     run_recipe(recipe, args.out, seeds=args.seeds)
     return 0
 
@@ -42,10 +53,10 @@ def _recipe_sweep(args):
 
 
 def _synth(args):
-    from .data.synth import run_synth
-    from .recipe import load_recipe
+    from .checks import load_checked
+    from .data.generation import run_synth
 
-    recipe = load_recipe(args.name, args.overrides)
+    recipe = load_checked(args.name, args.overrides)
     run_synth(recipe, args.out, shard=args.shard)
     return 0
 
@@ -82,7 +93,7 @@ def _csv(value):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgedistill", description="Distil a large pretrained vision model into a small, "
                                 "fast, domain-specific student for an edge device.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of any error")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     recipe = verbs.add_parser("recipe", help="list, show, run or sweep recipes")
@@ -144,15 +155,85 @@ def main(argv=None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    from .export import ExportError
-    from .recipe import RecipeError
-    from .teachers import WeightsUnavailable
-
     try:
+        if getattr(args, "out", None):
+            check_out_folder(Path(args.out))
         return args.fn(args) or 0
-    except (RecipeError, WeightsUnavailable, ExportError, FileNotFoundError, ImportError) as e:
-        print(f"edgedistill: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        resume = "; re-run the same command to resume" if getattr(args, "action", args.verb) in RESUMABLE else ""
+        print(f"edgedistill: interrupted{resume}", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place every error becomes a line and an exit code
+        return report(e, args.verbose)
+
+
+def check_out_folder(out: Path):
+    """``--out`` must be a folder or not exist yet, and so must the nearest part of it that exists."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing == out and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a folder; give a new or existing folder")
+    if existing is not None and not existing.is_dir():
+        raise NotADirectoryError(f"--out {out} cannot be made: {existing} is a file, not a folder")
+
+
+def report(e: Exception, verbose: bool) -> int:
+    """Print ``e`` as one line on stderr (after its traceback when ``verbose``); return the exit code."""
+    if verbose:
+        traceback.print_exception(e, file=sys.stderr)
+    if is_user_error(e):
+        print(f"edgedistill: error: {user_message(e)}", file=sys.stderr)
         return 2
+    hint = "" if verbose else " (run with -v for the traceback)"
+    message = one_line(str(e))
+    print(f"edgedistill: error: {type(e).__name__}{': ' + message if message else ''}{hint}", file=sys.stderr)
+    return 1
+
+
+def user_error_types() -> tuple:
+    """What a user can fix from the message alone; anything else is a bug and is reported with its type."""
+    import pickle
+
+    known = [FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+             pickle.UnpicklingError]
+    # Looked up, not imported: an error of a module that was never imported cannot have been raised, and a module
+    # that fails to import must not turn this report into a traceback.
+    for module, name in KNOWN_ERRORS:
+        cls = getattr(sys.modules.get(f"{__package__}.{module}"), name, None)
+        if cls is not None:
+            known.append(cls)
+    return tuple(known)
+
+
+def is_user_error(e: Exception) -> bool:
+    # An optional backend that is not installed says which `pip install` fixes it; any other ImportError is a bug.
+    if isinstance(e, ImportError):
+        return "pip install" in str(e)
+    return isinstance(e, user_error_types())
+
+
+def user_message(e: Exception) -> str:
+    import pickle
+
+    return unpickling_message(str(e)) if isinstance(e, pickle.UnpicklingError) else one_line(str(e))
+
+
+def unpickling_message(text: str) -> str:
+    """torch.load(weights_only=True)'s refusal, without its advice to load with weights_only=False (running the
+    file's code) or to allowlist the global: neither is ever the way out here."""
+    head, torch_said, _ = text.partition("Weights only load failed")
+    file = head.strip(" :") if torch_said else ""  # a loader that re-raises may put the path first
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (f"refused to load {file or 'a file'}: it carries pickled code or objects ({found.group(1)}); "
+                "edgedistill reads run folders as tensors and plain data only. Re-create the run folder with "
+                "`edgedistill recipe run`.")
+    reason = one_line(text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0])
+    return f"{file or 'a file'} is damaged or was not written by edgedistill (torch.load: {reason})"
+
+
+def one_line(text: str) -> str:
+    """Newlines, tabs and terminal colour codes collapsed: an error is one line."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
 
 
 if __name__ == "__main__":

@@ -18,14 +18,34 @@ def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndar
     return m
 
 
+def balanced_accuracy(m: np.ndarray) -> float:
+    """Mean per-class recall in percent over the classes present (rows of the confusion matrix with images)."""
+    present = m.sum(1) > 0
+    return float(100.0 * (np.diag(m)[present] / m.sum(1)[present]).mean()) if present.any() else 0.0
+
+
+def macro_f1(m: np.ndarray) -> float:
+    """Unweighted mean over classes present of F1 = 2 TP / (2 TP + FP + FN), in percent."""
+    tp = np.diag(m).astype(float)
+    fp, fn = m.sum(0) - tp, m.sum(1) - tp
+    present = m.sum(1) > 0
+    denom = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return float(100.0 * f1[present].mean()) if present.any() else 0.0
+
+
 def classification_metrics(logits: torch.Tensor, labels, class_names, top_k: int = 5) -> dict:
-    """top-1/top-k (percent), per-class accuracy and the confusion matrix (rows: true class)."""
+    """top-1, balanced accuracy and macro-F1 (percent), per-class recall, the confusion matrix (rows: true class),
+    and top-k only when there are more than k classes (with k or fewer it is 100% by construction)."""
     labels = torch.as_tensor(labels)
     pred = logits.argmax(1)
     m = confusion(pred.numpy(), labels.numpy(), len(class_names))
     per_class = {c: (100.0 * m[i, i] / m[i].sum() if m[i].sum() else None) for i, c in enumerate(class_names)}
-    return {"top1": topk_accuracy(logits, labels, 1), f"top{top_k}": topk_accuracy(logits, labels, top_k),
-            "per_class": per_class, "confusion": m.tolist(), "n": int(len(labels))}
+    out = {"top1": topk_accuracy(logits, labels, 1), "balanced_accuracy": balanced_accuracy(m),
+           "macro_f1": macro_f1(m), "per_class": per_class, "confusion": m.tolist(), "n": int(len(labels))}
+    if len(class_names) > top_k:
+        out[f"top{top_k}"] = topk_accuracy(logits, labels, top_k)
+    return out
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,10 +1,15 @@
-"""Recipes: YAML loaded into frozen dataclasses, validated before any work starts.
+"""Recipes: the schema, YAML loading, overrides and every check that needs no registry.
 
-A recipe names registered things and sets numbers. Unknown keys and unknown registry names fail at load time,
-naming the key and suggesting the nearest valid one; nothing is ever auto-corrected.
+This is the leaf every module imports, so it imports nothing from edgedistill. It holds the frozen dataclasses (each
+numeric field declares its valid range beside it with ``num``), loading (a built-in name or a YAML file, then dotted
+``key=value`` overrides), type coercion, and the value checks: ranges, choices, prompt templates. Every problem is a
+``RecipeError`` naming the dotted key and what would be valid; unknown keys get the nearest one suggested, never
+auto-corrected. Checking that the registered names a recipe uses exist needs the registries: ``checks.load_checked``.
 """
 import dataclasses
 import difflib
+import math
+import operator
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -12,9 +17,23 @@ from pathlib import Path
 
 import yaml
 
+SEED_MAX = 2**32 - 1  # seeds are 32-bit: every RNG the pipeline seeds takes them (np.random.seed needs < 2**32)
+BOUNDS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
 
 class RecipeError(ValueError):
     """A recipe (or an override) is invalid; the message says which key and what would be valid."""
+
+
+def num(default, *, ge=None, gt=None, le=None, lt=None):
+    """A numeric field (or a tuple of numbers) and its valid range: ``num(1e-3, gt=0)``; no bound: any finite number."""
+    bounds = {op: v for op, v in zip(BOUNDS, (ge, gt, le, lt)) if v is not None}
+    return field(default=default, metadata={"range": bounds})
+
+
+def one_of(*choices: str):
+    """A text field that must be one of ``choices``; the first is the default."""
+    return field(default=choices[0], metadata={"choices": choices})
 
 
 @dataclass(frozen=True)
@@ -22,19 +41,19 @@ class DataCfg:
     dataset: str = "imagefolder"        # a name in data.DATASETS
     root: str = ""                      # folder for imagefolder; download/cache folder for torchvision sets
     classes: tuple[str, ...] = ()       # class names; empty: the dataset's own
-    prompt_names: dict = field(default_factory=dict)  # class -> name used in text prompts (e.g. "Abyssinian cat")
+    prompt_names: dict[str, str] = field(default_factory=dict)  # class -> name in text prompts ("Abyssinian cat")
     superclass: str = ""                # e.g. "pet", used by "which is a type of {superclass}" prompts
-    test_fraction: float = 0.2          # stratified held-out split when the dataset has no test split
-    val_fraction: float = 0.0
-    max_per_class: int = 0              # cap images per class (0: all)
-    split_seed: int = 0
-    image_size: int = 0                 # evaluation/training size for the student; 0: the student's default
-    crop_pct: float = 0.0               # centre-crop fraction of every view, teacher's and student's; 0: the teacher's
+    test_fraction: float = num(0.2, ge=0, lt=1)  # stratified held-out split when the dataset has no test split
+    val_fraction: float = num(0.0, ge=0, lt=1)  # of what the test split leaves
+    max_per_class: int = num(0, ge=0)   # cap images per class (0: all)
+    split_seed: int = num(0, ge=0, le=SEED_MAX)
+    image_size: int = num(0, ge=0)      # evaluation/training size for the student; 0: the student's default
+    crop_pct: float = num(0.0, ge=0, le=1)  # centre-crop fraction of every view, teacher's and student's; 0: teacher's
     augment: str = "light"              # a name in data.AUGMENTS
-    views: int = 1                      # fixed augmented views per image whose teacher outputs are cached
-    mixup: float = 0.0                  # Mixup alpha on real images only (P1); 0 disables; needs the online teacher
-    cutmix: float = 0.0                 # CutMix alpha on real images only (P3); with mixup too, each batch picks one
-    num_workers: int = 0
+    views: int = num(1, ge=1)           # fixed augmented views per image whose teacher outputs are cached
+    mixup: float = num(0.0, ge=0)       # Mixup alpha on real images only (P1); 0 disables; needs the online teacher
+    cutmix: float = num(0.0, ge=0)      # CutMix alpha on real images only (P3); with mixup too, each batch picks one
+    num_workers: int = num(0, ge=0)
     real_train: bool = True             # False: real train images are not trained on (P4 zero-shot: synthetic only)
 
 
@@ -43,102 +62,104 @@ class TeacherCfg:
     name: str = "efficientnet-lite"     # a name in teachers.TEACHERS
     arch: str = ""                      # open_clip arch, timm model name, or lite0/lite2
     pretrained: str = ""                # open_clip tag or timm pretrained tag; "" for the teacher's default
-    image_size: int = 0                 # 0: the model's own
-    head: str = "linear"                # linear | mlp (probed), zeroshot (CLIP text head), native (model's own)
-    n_cls_blocks: int = 1               # DINOv2: concatenate the CLS tokens of the last n blocks (P1)
+    image_size: int = num(0, ge=0)      # 0: the model's own
+    head: str = one_of("linear", "mlp", "zeroshot", "native")  # linear/mlp probed, zeroshot (text head), native
+    n_cls_blocks: int = num(1, ge=1)    # DINOv2: concatenate the CLS tokens of the last n blocks (P1)
     avgpool: bool = False               # DINOv2: also append the average of the last block's patch tokens
-    pool: str = "avg"                   # timm/EfficientNet-Lite: avg, or avgmax (average and max pooled, concatenated)
-    templates: tuple[str, ...] = ("a photo of a {c}.",)
-    probe_epochs: int = 30
-    probe_lr: float = 1e-3
-    probe_weight_decay: float = 1e-4
-    probe_batch_size: int = 256
-    batch_size: int = 64                # feature extraction batch size
-    width: int = 64                     # tiny test teachers only
-    depth: int = 2                      # tiny test teachers only
-    embed_dim: int = 64                 # tiny test teachers only
+    pool: str = one_of("avg", "avgmax")  # timm/EfficientNet-Lite: avgmax concatenates average and max pooling
+    templates: tuple[str, ...] = ("a photo of a {c}.",)  # zeroshot head: may use {c} and {superclass}
+    probe_epochs: int = num(30, ge=1)
+    probe_lr: float = num(1e-3, gt=0)
+    probe_weight_decay: float = num(1e-4, ge=0)
+    probe_batch_size: int = num(256, ge=1)
+    batch_size: int = num(64, ge=1)     # feature extraction batch size
+    width: int = num(64, ge=1)          # tiny test teachers only
+    depth: int = num(2, ge=1)           # tiny test teachers only
+    embed_dim: int = num(64, ge=1)      # tiny test teachers only
 
 
 @dataclass(frozen=True)
 class StudentCfg:
     name: str = "mobilenetv3_small_100"  # any timm model name
     pretrained: bool = False            # timm hub weights (needs internet on first use)
-    weights: str = ""                   # offline weights shipped by a package, a name in students.WEIGHTS
-    embed_dim: int = 0                  # projection size for feature losses; 0: the teacher's feature size
-    drop_path: float = 0.0
-    drop_rate: float = 0.0
-    model_kwargs: dict = field(default_factory=dict)  # extra timm create_model arguments (tiny test students)
+    packaged_weights: str = ""          # offline weights a package ships: a name in packaged_weights.PACKAGED_WEIGHTS
+    embed_dim: int = num(0, ge=0)       # projection size for feature losses; 0: the teacher's feature size
+    drop_path: float = num(0.0, ge=0, lt=1)
+    drop_rate: float = num(0.0, ge=0, lt=1)
+    model_kwargs: dict[str, typing.Any] = field(default_factory=dict)  # extra timm create_model arguments
 
 
 @dataclass(frozen=True)
 class LossCfg:
-    ce: float = 0.0                     # cross-entropy on real labels (task term)
-    kd: float = 0.0                     # Hinton KD, T^2 KL(teacher || student) (P1/P3)
-    hard_kd: float = 0.0                # CE against the teacher's argmax (P1 Table I)
-    feature_l2: float = 0.0             # L2 between normalised embeddings (P4)
-    align_uniform: float = 0.0          # alignment + uniformity with projectors (P2)
-    temperature: float = 2.0
-    label_smoothing: float = 0.0
-    proj_dim: int = 128                 # projector size for align_uniform
+    ce: float = num(0.0, ge=0)          # cross-entropy on real labels (task term)
+    kd: float = num(0.0, ge=0)          # Hinton KD, T^2 KL(teacher || student) (P1/P3)
+    hard_kd: float = num(0.0, ge=0)     # CE against the teacher's argmax (P1 Table I)
+    feature_l2: float = num(0.0, ge=0)  # L2 between normalised embeddings (P4)
+    align_uniform: float = num(0.0, ge=0)  # alignment + uniformity with projectors (P2)
+    temperature: float = num(2.0, gt=0)
+    label_smoothing: float = num(0.0, ge=0, lt=1)
+    proj_dim: int = num(128, ge=1)      # projector size for align_uniform
 
 
 @dataclass(frozen=True)
 class TrainCfg:
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"            # adamw | sgd
-    momentum: float = 0.9
-    schedule: str = "cosine"            # cosine | constant
-    warmup_epochs: float = 0.0
-    teacher: str = "cached"             # cached: teacher outputs of fixed views; online: teacher runs each batch
-    real_fraction: float = 0.5          # share of real images in a batch when synthetic images exist (P1: 1:1)
+    epochs: int = num(10, ge=1)
+    batch_size: int = num(64, ge=1)
+    lr: float = num(1e-3, gt=0)
+    weight_decay: float = num(0.05, ge=0)
+    optimizer: str = one_of("adamw", "sgd")
+    momentum: float = num(0.9, ge=0, lt=1)
+    schedule: str = one_of("cosine", "constant")
+    warmup_epochs: float = num(0.0, ge=0)
+    teacher: str = one_of("cached", "online")  # cached: teacher outputs of fixed views; online: runs each batch
+    real_fraction: float = num(0.5, gt=0, le=1)  # share of real images in a batch when synthetic images exist (P1: 1:1)
     amp: bool = True                    # CUDA only
     channels_last: bool = True          # NHWC memory layout: faster convolutions on GPUs and oneDNN CPUs
     compile: bool = False
-    grad_clip: float = 0.0
-    seed: int = 0
+    grad_clip: float = num(0.0, ge=0)   # max gradient norm; 0: off
+    seed: int = num(0, ge=0, le=SEED_MAX)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
-    eval_every: int = 0                 # top-1 on the validation split every N epochs into log.jsonl (0: never)
+    eval_every: int = num(0, ge=0)      # top-1 on the validation split every N epochs into log.jsonl (0: never)
 
 
 @dataclass(frozen=True)
 class SynthCfg:
-    generator: str = "tiny-sd"          # a name in data.synth.GENERATORS
+    generator: str = "tiny-sd"          # a name in data.generators.GENERATORS
     model_id: str = ""                  # hub id; "" for the generator's default
-    images_per_class: int = 0
-    times_train: float = 0.0            # alternatively n x the real train set (P1/P2)
-    steps: int = 0                      # 0: the generator's default
-    guidance: float = -1.0              # <0: the generator's default
-    size: int = 0                       # 0: the generator's default
+    images_per_class: int = num(0, ge=0)  # set this or times_train (0: unset)
+    times_train: float = num(0.0, ge=0)  # alternatively n x the real train set (P1/P2)
+    steps: int = num(0, ge=0)           # 0: the generator's default
+    guidance: float = num(-1.0)         # any finite number; < 0: the generator's default
+    size: int = num(0, ge=0)            # 0: the generator's default; else a multiple of 8
     negative_prompt: str = ""
-    batch_size: int = 4
-    templates: tuple[str, ...] = ("a photo of a {c}",)
-    dimensions: dict = field(default_factory=dict)  # contextual dimension -> list of options (P4)
-    weights: dict = field(default_factory=dict)     # prompt term weights, e.g. {class: 1.5, superclass: 1.2}
-    mix: str = ""                       # "" | inter | intra: mix pairs of real images instead of text prompts (P1)
-    dtype: str = "auto"                 # auto | float32 | float16 | bfloat16
+    batch_size: int = num(4, ge=1)
+    templates: tuple[str, ...] = ("a photo of a {c}",)  # may use {c} and {superclass}
+    dimensions: dict[str, list[str]] = field(default_factory=dict)  # contextual dimension -> its options (P4)
+    # Prompt term weights, e.g. {class: 1.5, superclass: 1.2}: 1 keeps a term, 1.5 stresses it, 0.5 fades it.
+    prompt_weights: dict[str, float] = field(default_factory=dict, metadata={"range": {">=": 0}})
+    mix: str = one_of("", "inter", "intra")  # mix pairs of real images instead of text prompts (P1)
+    dtype: str = one_of("auto", "float32", "float16", "bfloat16")
     compile: bool = False
     vae_slicing: bool = True
-    curate_min_score: float = 0.0       # drop images whose teacher probability for their class is below this
+    curate_min_score: float = num(0.0, ge=0, le=1)  # drop images whose teacher class probability is below this
     curate_agree: bool = False          # drop images whose teacher top-1 is not their class
-    curate_dedup: float = 0.0           # drop near-duplicates above this teacher-embedding cosine (0: off)
-    curate_leakage: float = 0.0         # drop images above this cosine to any evaluation image (0: off)
-    seed: int = 0                       # image seeds derive from (seed, class, index)
+    curate_dedup: float = num(0.0, ge=0, le=1)  # drop near-duplicates above this teacher-embedding cosine (0: off)
+    curate_leakage: float = num(0.0, ge=0, le=1)  # drop images above this cosine to any evaluation image (0: off)
+    seed: int = num(0, ge=0, le=SEED_MAX)  # image seeds derive from (seed, class, index)
     lora_id: str = ""                   # hub id of a LoRA fused into the UNet; "" for the generator's default
     llm: str = ""                       # local causal LM (folder or cached hub id) that fills empty dimensions
-    llm_options: int = 15               # options the LLM writes per dimension (P4: 15, or 30 for large sets)
+    llm_options: int = num(15, ge=1)    # options the LLM writes per dimension (P4: 15, or 30 for large sets)
 
 
 @dataclass(frozen=True)
 class EvalCfg:
-    top_k: int = 5
-    corruptions: tuple[str, ...] = ()   # names in robustness.CORRUPTIONS, or "default" / "all"; (): none
-    severities: tuple[int, ...] = (1, 3, 5)
-    corruption_images: int = 100        # held-out images (stratified prefix) used for the corruption report
-    spurious: str = ""                  # "", patch or background: P4's spurious-cue probe (trains one more student)
-    synthetic_holdout: float = 0.1      # share of kept synthetic images held out for the synthetic-to-real gap
+    top_k: int = num(5, ge=1)
+    # Corruption names and severities live in edgedistill.corruptions (CORRUPTIONS, DEFAULT_SUBSET, SEVERITIES).
+    corruptions: tuple[str, ...] = ()   # registered names, or "default" / "all" alone; (): none
+    severities: tuple[int, ...] = num((1, 3, 5), ge=1, le=5)  # each in corruptions.SEVERITIES
+    corruption_images: int = num(100, ge=1)  # held-out images (stratified prefix) used for the corruption report
+    spurious: str = one_of("", "patch", "background")  # P4's spurious-cue probe (trains one more student)
+    synthetic_holdout: float = num(0.1, ge=0, le=0.5)  # share of kept synthetic images held out (synthetic-to-real gap)
     zero_shot: bool = False             # student scored through the teacher's text embeddings (CLIP-aligned)
 
 
@@ -146,24 +167,24 @@ class EvalCfg:
 class ExportCfg:
     formats: tuple[str, ...] = ("onnx",)
     precision: tuple[str, ...] = ("fp32",)
-    opset: int = 17
+    opset: int = num(17, ge=17)         # every format goes through ONNX, which needs >= 17 (export.onnx.MIN_OPSET)
     dynamic_batch: bool = True
     simplify: bool = False
-    calibration_images: int = 300
-    int8_finetune_steps: int = 200      # INT8-aware fine-tuning, the ladder's last resort; 0: never
-    selection_images: int = 200         # train images held back to choose INT8 attempts on, when the run has no val
-    selection_margin: float = 0.01      # NNCF accuracy control runs only when no attempt reaches the gate + this
-    parity_images: int = 0              # 0: the whole test split; N: its first N only (a quick look, recorded)
-    min_agreement: float = 0.995
-    min_agreement_int8: float = 0.97
+    calibration_images: int = num(300, ge=1)
+    int8_finetune_steps: int = num(200, ge=0)  # INT8-aware fine-tuning, the ladder's last resort; 0: never
+    selection_images: int = num(200, ge=1)  # train images held back to choose INT8 attempts on, when the run has no val
+    selection_margin: float = num(0.01, ge=0, le=1)  # NNCF accuracy control runs only if no attempt reaches gate+this
+    parity_images: int = num(0, ge=0)   # 0: the whole test split; N: its first N only (a quick look, recorded)
+    min_agreement: float = num(0.995, ge=0, le=1)
+    min_agreement_int8: float = num(0.97, ge=0, le=1)
 
 
 @dataclass(frozen=True)
 class BenchCfg:
-    batch: tuple[int, ...] = (1,)
-    threads: int = 0                    # 0: the runtime's default
-    warmup: int = 10
-    iters: int = 50
+    batch: tuple[int, ...] = num((1,), ge=1)  # each batch size measured
+    threads: int = num(0, ge=0)         # 0: the runtime's default
+    warmup: int = num(10, ge=0)
+    iters: int = num(50, ge=1)
     backends: tuple[str, ...] = ()      # (): every backend present
 
 
@@ -202,19 +223,32 @@ def builtin_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(paths)}
 
 
-def load_recipe(name_or_path, overrides=(), check_names: bool = True) -> Recipe:
-    """Load a built-in recipe by name, or a YAML file by path, apply ``key=value`` overrides and validate."""
+def load_recipe(name_or_path, overrides=()) -> Recipe:
+    """Load a built-in recipe by name, or a YAML file by path, apply ``key=value`` overrides, coerce and check values.
+
+    Registered names are not looked up here (that needs the registries): ``checks.load_checked`` adds that.
+    """
     path = resolve_recipe_path(name_or_path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = parse_yaml(path.read_text(), f"Recipe {path}") or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"Recipe {path} must be a mapping at the top level, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
     recipe = build(Recipe, raw, "")
     check_values(recipe)
-    if check_names:
-        check_registered_names(recipe)
     return recipe
+
+
+def parse_yaml(text: str, what: str):
+    """``yaml.safe_load``; a syntax error becomes a RecipeError giving the 1-based line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RecipeError(f"{what} is not valid YAML: {where}{e.problem or e.context}") from e
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: PyYAML builds dates, so 2024-02-30 fails in datetime
+        raise RecipeError(f"{what} is not valid YAML: {e}") from e
 
 
 def resolve_recipe_path(name_or_path) -> Path:
@@ -244,7 +278,7 @@ def apply_override(raw: dict, item: str):
         if part not in names:
             raise RecipeError(unknown_key_message(dotted, part, names, prefix=".".join(parts[:depth])))
         if depth == len(parts) - 1:
-            node[part] = yaml.safe_load(value)
+            node[part] = parse_yaml(value, f"Override {item!r}")
             return
         sub = section_type(names[part].type)
         if sub is None:
@@ -275,7 +309,7 @@ def section_type(tp):
 
 
 def build(cls, raw, prefix: str):
-    """Recursively turn a mapping into dataclass ``cls``, refusing unknown keys and wrong types."""
+    """Recursively turn a mapping into dataclass ``cls``; an unknown key or a wrong type is a RecipeError naming it."""
     if not isinstance(raw, dict):
         raise RecipeError(f"Recipe section {prefix or 'top level'!r} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -295,15 +329,22 @@ def coerce(tp, value, dotted: str):
         if value is None and type(None) in typing.get_args(tp):
             return None
         return build(sub, value if value is not None else {}, dotted)
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        items = value if isinstance(value, (list, tuple)) else [value]
-        (inner, _) = typing.get_args(tp)
-        return tuple(coerce(inner, v, dotted) for v in items)
-    if tp is dict or origin is dict:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple:  # a single value stands for a one-item list: export.formats=onnx
+        return tuple(coerce(args[0], v, dotted) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"Recipe key {dotted!r} must be a list, got {value!r}")
+        return [coerce(args[0], v, dotted) for v in value]
+    if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"Recipe key {dotted!r} must be a mapping, got {value!r}")
-        return dict(value)
+        out = {}
+        for k, v in value.items():
+            if isinstance(k, bool) or not isinstance(k, (str, int, float)):
+                raise RecipeError(f"Recipe key {dotted!r} must have text keys, got {k!r} (quote it in YAML)")
+            out[str(k)] = coerce(args[1], v, f"{dotted}.{k}")
+        return out
     if tp is bool:
         if not isinstance(value, bool):
             raise RecipeError(f"Recipe key {dotted!r} must be true or false, got {value!r}")
@@ -313,80 +354,81 @@ def coerce(tp, value, dotted: str):
             raise RecipeError(f"Recipe key {dotted!r} must be an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"Recipe key {dotted!r} must be a number, got {value!r}")
-        return float(value)
+        return as_float(value, dotted)
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise RecipeError(f"Recipe key {dotted!r} must be a string, got {value!r}")
         return str(value)
-    return value
+    return value  # typing.Any: passed on as YAML gave it
 
 
-CHOICES = {
-    "teacher.head": ("linear", "mlp", "zeroshot", "native"),
-    "teacher.pool": ("avg", "avgmax"),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.schedule": ("cosine", "constant"),
-    "train.teacher": ("cached", "online"),
-    "synthetic.mix": ("", "inter", "intra"),
-    "eval.spurious": ("", "patch", "background"),
-    "synthetic.dtype": ("auto", "float32", "float16", "bfloat16"),
-}
+def as_float(value, dotted: str) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"Recipe key {dotted!r} must be a number, got {value!r}")
+    if isinstance(value, int) and abs(value) > 1e300 or not math.isfinite(value):
+        raise RecipeError(f"Recipe key {dotted!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values: ranges, choices and templates (checks.py checks the registered names)
 
 
 def check_values(recipe: Recipe):
-    """Range and choice checks that need no registry."""
-    for dotted, allowed in CHOICES.items():
-        section, key = dotted.split(".")
-        sec = getattr(recipe, section)
-        if sec is not None and getattr(sec, key) not in allowed:
-            value = getattr(sec, key)
-            close = difflib.get_close_matches(str(value), allowed, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"Recipe key {dotted!r} is {value!r}.{hint} Allowed: {list(allowed)}")
-    positive = {"train.epochs": recipe.train.epochs, "train.batch_size": recipe.train.batch_size,
-                "data.views": recipe.data.views}
-    for dotted, value in positive.items():
-        if value < 1:
-            raise RecipeError(f"Recipe key {dotted!r} must be at least 1, got {value}")
-    if not 0 <= recipe.data.test_fraction < 1:
-        raise RecipeError(f"Recipe key 'data.test_fraction' must be in [0, 1), got {recipe.data.test_fraction}")
+    """Every declared range and choice, the prompt templates, and that some loss is on."""
+    check_fields(recipe, "")
+    check_templates(recipe)
     loss = recipe.loss
     if not any((loss.ce, loss.kd, loss.hard_kd, loss.feature_l2, loss.align_uniform)):
         raise RecipeError("Recipe section 'loss' sets no loss weight: set at least one of ce, kd, hard_kd, "
                           "feature_l2, align_uniform")
 
 
-def check_registered_names(recipe: Recipe):
-    """Every registered name the recipe uses exists, so a typo never costs a download or a GPU hour."""
-    from .data import AUGMENTS, DATASETS
-    from .students import WEIGHTS, check_timm_name
-    from .teachers import TEACHERS
+def check_fields(section, prefix: str):
+    """Each field's declared ``one_of`` choices or ``num`` range, in this section and the ones below it."""
+    for f in dataclasses.fields(section):
+        value, dotted = getattr(section, f.name), f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            check_fields(value, dotted)
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            close = difflib.get_close_matches(value, f.metadata["choices"], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"Recipe key {dotted!r} is {value!r}.{hint} Allowed: {list(f.metadata['choices'])}")
+        elif "range" in f.metadata:
+            check_range(dotted, value, f.metadata["range"])
 
-    pairs = [("teacher.name", recipe.teacher.name, TEACHERS), ("data.dataset", recipe.data.dataset, DATASETS),
-             ("data.augment", recipe.data.augment, AUGMENTS)]
-    if recipe.student.weights:
-        pairs.append(("student.weights", recipe.student.weights, WEIGHTS))
+
+def check_range(dotted: str, value, bounds: dict):
+    """A number, every item of a tuple, or every value of a mapping (named ``key.item``) within ``bounds``."""
+    if isinstance(value, dict):
+        items = [(f"{dotted}.{k}", v) for k, v in value.items()]
+    else:
+        items = [(dotted, v) for v in (value if isinstance(value, tuple) else (value,))]
+    for key, v in items:
+        if not (isinstance(v, int) or math.isfinite(v)) or not all(BOUNDS[op](v, b) for op, b in bounds.items()):
+            valid = " and ".join(f"{op} {b}" for op, b in bounds.items()) or "a finite number"
+            raise RecipeError(f"Recipe key {key!r} must be {valid}, got {v!r}")
+
+
+def check_templates(recipe: Recipe):
+    """Prompt templates may use only {c} and {superclass}: a stray brace would otherwise fail after the downloads."""
+    keys = {"teacher.templates": recipe.teacher.templates}
     if recipe.synthetic is not None:
-        from .data.synth import GENERATORS, check_synth
-
-        pairs.append(("synthetic.generator", recipe.synthetic.generator, GENERATORS))
-        if recipe.synthetic.generator in GENERATORS:
-            check_synth(recipe)
-    for dotted, name, registry in pairs:
-        if name not in registry:
-            raise RecipeError(f"Recipe key {dotted!r}: {registry.unknown_message(name)}")
-    check_timm_name("student.name", recipe.student.name)
-    if recipe.export is not None:
-        from .export import check_export_request
-
-        check_export_request(recipe.export.formats, recipe.export.precision)
+        keys["synthetic.templates"] = recipe.synthetic.templates
+    for dotted, templates in keys.items():
+        if not templates and (dotted == "synthetic.templates" or recipe.teacher.head == "zeroshot"):
+            raise RecipeError(f"Recipe key {dotted!r} is empty; e.g. ['a photo of a {{c}}']")
+        for t in templates:
+            try:
+                t.format(c="x", superclass="y")
+            except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+                raise RecipeError(f"Recipe key {dotted!r}: template {t!r} may use only {{c}} and {{superclass}} "
+                                  f"({type(e).__name__}: {e})") from e
 
 
 def to_plain(obj):

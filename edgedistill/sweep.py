@@ -11,7 +11,8 @@ import json
 import re
 from pathlib import Path
 
-from .recipe import load_recipe
+from .checks import load_checked
+from .recipe import RecipeError
 from .utils import atomic_write_text
 
 _OPEN, _CLOSE = "[{(", "]})"
@@ -35,10 +36,10 @@ def split_values(value: str) -> list[str]:
             continue
         cur += ch
     if depth != 0 or quote:
-        raise ValueError(f"Unbalanced brackets or quotes in sweep value {value!r}")
+        raise RecipeError(f"Unbalanced brackets or quotes in sweep value {value!r}")
     parts.append(cur.strip())
     if len(parts) > 1 and not all(parts):
-        raise ValueError(f"Empty value in sweep list {value!r}")
+        raise RecipeError(f"Empty value in sweep list {value!r}")
     return parts
 
 
@@ -46,13 +47,16 @@ def _parse(overrides: list[str]) -> list[tuple[str, list[str]]]:
     axes, seen = [], set()
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"Sweep override {item!r} must look like key=v1,v2, e.g. student.name=resnet18,resnet50")
+            raise RecipeError(f"Sweep override {item!r} must look like key=v1,v2, e.g. student.name=resnet18,resnet50")
         key, value = item.split("=", 1)
         key = key.strip()
         if key in seen:
-            raise ValueError(f"Sweep key {key!r} is given twice; put all its values in one list")
+            raise RecipeError(f"Sweep key {key!r} is given twice; put all its values in one list")
         seen.add(key)
-        axes.append((key, split_values(value)))
+        try:
+            axes.append((key, split_values(value)))
+        except RecipeError as e:
+            raise RecipeError(f"Sweep key {key!r}: {e}") from e
     return axes
 
 
@@ -206,12 +210,12 @@ def run_sweep(name, overrides, out=None) -> list[dict]:
     # 1. Expand the grid and validate every point before any work starts.
     overrides = list(overrides)
     points, keys = expand_grid(overrides), varying_keys(overrides)
-    first = load_recipe(name, points[0])
+    first = load_checked(name, points[0])
     # Every point is exported and benchmarked, so latency sits beside accuracy even for recipes without those sections.
     extra = ([] if first.export is not None else ["export.formats=[onnx]"]) + \
         ([] if first.bench is not None else ["bench.iters=30"])
     points = [p + extra for p in points]
-    recipes = [load_recipe(name, p) for p in points]
+    recipes = [load_checked(name, p) for p in points]
     out = Path(out) if out else Path("runs") / f"{recipes[0].name}-sweep"
 
     # 2. Run each point; run_recipe reuses stages already in the shared folder.

@@ -23,7 +23,7 @@ from .utils import atomic_torch_save, atomic_write_text, derived_seed, progress
 log = logging.getLogger(__name__)
 
 
-class TeacherTargets:
+class TeacherFeatures:
     """Teacher features for training items, read from one or more feature caches (real, synthetic)."""
 
     def __init__(self):
@@ -163,7 +163,7 @@ def make_optimizer(model, cfg):
 
 
 def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights, out_dir, key: str,
-          teacher=None, targets: TeacherTargets | None = None, workers: int = 0, desc: str = "train",
+          teacher=None, teacher_features: TeacherFeatures | None = None, workers: int = 0, desc: str = "train",
           device: str = "cpu", mixup: float = 0.0, num_classes: int = 0, cutmix: float = 0.0,
           evaluate=None) -> list[dict]:
     """Train ``model`` in place; checkpoints every epoch to ``out_dir/checkpoint.pt`` and resumes from it.
@@ -215,7 +215,7 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
                 xs = xs.contiguous(memory_format=torch.channels_last)
             t_feat = t_logits = None
             if teacher is not None:
-                t_feat = teacher.encode(xt.to(device)) if xt.numel() else targets.get(idx, views).to(device)
+                t_feat = teacher.encode(xt.to(device)) if xt.numel() else teacher_features.get(idx, views).to(device)
                 if mixup > 0 or cutmix > 0:
                     xs, t_feat, labels = mix_real(xs, xt.to(device) if xt.numel() else None, labels, teacher, mixup,
                                                   derived_seed("mix", cfg.seed, epoch, int(idx[0])), t_feat,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .target.run import sha256_file  # noqa: F401  (one implementation, shared with the target runtime)
+from .runtime.run import sha256_file  # noqa: F401  (one implementation, shared with the target runtime)
 
 
 def require(module: str, extra: str):
@@ -22,8 +22,8 @@ def require(module: str, extra: str):
 
 def fingerprint(obj) -> str:
     """A short, stable hash of any JSON-serialisable object (used to key stages and caches)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    saved = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(saved).hexdigest()[:16]
 
 
 def atomic_write_bytes(path, data: bytes):

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    from . import run as rt  # inside the package, as edgedistill.target.build_engine
-except ImportError:
-    import run as rt  # copied to a device: run.py sits beside this file
+# As in run.py: a relative import inside the library (edgedistill.runtime), else run.py beside this file.
+if __package__:
+    from . import run as rt
+else:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run as rt
 
 WORKSPACE_GB = 2
 

@@ -5,8 +5,9 @@
     python export/run.py bench BUNDLE [--batch 1,8] [--iters 50]
     python export/run.py verify BUNDLE
 
-The preprocessing here is the single implementation edgedistill itself uses for evaluation views, so an exported
-model sees exactly the tensor the PyTorch student saw.
+Images are preprocessed by ``preprocess.py`` beside this file: the single implementation edgedistill itself imports
+for training and evaluation views (through ``edgedistill.runtime``), so an exported model sees exactly the
+tensor the PyTorch student saw. Copy the whole ``export/`` folder to the device.
 """
 import argparse
 import hashlib
@@ -19,72 +20,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
-            "lanczos": Image.LANCZOS}
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) to 8-bit RGB; alpha is composited on white."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float32)
-        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
-
-
-def center_crop_box(w: int, h: int, crop_pct: float) -> tuple:
-    """The centred square that resizing the shorter side to size/crop_pct and cropping size keeps."""
-    side = min(w, h) * crop_pct
-    left, top = (w - side) / 2, (h - side) / 2
-    return (left, top, left + side, top + side)
-
-
-def center_crop(img: Image.Image, spec: dict) -> Image.Image:
-    """RGB, then the centred square of ``crop_pct`` of the shorter side."""
-    img = to_rgb(img)
-    return img.crop(center_crop_box(img.width, img.height, float(spec.get("crop_pct", 1.0))))
-
-
-def resize_to(img: Image.Image, spec: dict) -> Image.Image:
-    size = int(spec["size"])
-    return img.resize((size, size), RESAMPLE[spec.get("interpolation", "bicubic")])
-
-
-def resize_normalize(img: Image.Image, spec: dict) -> np.ndarray:
-    """An already-cropped RGB image -> float32 CHW array at ``spec['size']``, normalised with mean/std."""
-    return normalize(np.asarray(resize_to(img, spec)), spec)
-
-
-def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
-    """Evaluation preprocessing: RGB, centre square crop of crop_pct of the shorter side, resize, normalise."""
-    return resize_normalize(center_crop(img, spec), spec)
-
-
-def input_pixels(img: Image.Image, spec: dict) -> np.ndarray:
-    """The uint8 HWC pixels ``preprocess`` normalises: ``preprocess(img) == normalize(input_pixels(img))``."""
-    return np.asarray(resize_to(center_crop(img, spec), spec))
-
-
-def normalize(pixels: np.ndarray, spec: dict) -> np.ndarray:
-    """uint8 HWC RGB pixels (already cropped and resized) -> float32 CHW array normalised with mean/std."""
-    x = np.asarray(pixels, dtype=np.float32) / 255.0
-    x = (x - np.asarray(spec["mean"], dtype=np.float32)) / np.asarray(spec["std"], dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
-def load_image(path) -> Image.Image:
-    """An image file as 8-bit RGB (no EXIF rotation: training and evaluation do not apply it either)."""
-    with Image.open(path) as img:
-        img.load()
-        rgb = to_rgb(img)
-        return rgb.copy() if rgb is img else rgb
-
+# Two ways in, one preprocess.py. Inside the library (edgedistill.runtime, a package whose __path__ is this
+# folder) __package__ is set and the import is relative, so it can only mean the sibling file. As a script
+# (python export/run.py from any cwd, on a device that has only this folder) or a top-level `import run`, it is the
+# sibling by its plain name, with this folder first on sys.path: `python -P` and `-I` leave a script's folder off it.
+if __package__:
+    from .preprocess import load_image, normalize, preprocess
+else:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from preprocess import load_image, normalize, preprocess
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bundles: a folder with manifest.json and the artifact files it lists with their sha256.
@@ -220,9 +164,9 @@ def load_bundle(path, threads: int = 0, verify: bool = True, device: str = "") -
         verify_files(root, manifest)
     if manifest.get("parity", {}).get("passed") is False:
         warnings.warn(f"Bundle {root} failed its parity check at export; its predictions may differ from PyTorch")
-    runner = BACKENDS.get(manifest["format"])
+    runner = RUNNERS.get(manifest["format"])
     if runner is None:
-        raise BundleError(f"Bundle {root} has format {manifest['format']!r}; this runtime knows {sorted(BACKENDS)}")
+        raise BundleError(f"Bundle {root} has format {manifest['format']!r}; this runtime knows {sorted(RUNNERS)}")
     bundle_path(root, manifest["model_file"])  # even unverified, a bundle never opens a file outside itself
     return Bundle(root, manifest, runner(root, manifest, threads, device))
 
@@ -364,7 +308,7 @@ def check_cuda(result):
     return values[0] if len(values) == 1 else (values or None)
 
 
-BACKENDS = {"onnx": onnxruntime_runner, "openvino": openvino_runner, "tensorrt": tensorrt_runner}
+RUNNERS = {"onnx": onnxruntime_runner, "openvino": openvino_runner, "tensorrt": tensorrt_runner}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from test_export import make_run
 
 from edgedistill import bench, cli
-from edgedistill.bench import Target, bench_paths, bench_run, measure_interleaved
+from edgedistill.bench import Timed, bench_paths, bench_run, measure_interleaved
 from edgedistill.recipe import BenchCfg, RecipeError
 
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'edgedistill[onnx]')")
@@ -103,8 +103,8 @@ INT8 = [[2.5, 2.5, 2.5], [2.5, 2.5, 2.5], [2, 2, 2]]
 
 
 def synthetic_rows() -> list:
-    samples = {(Target("pytorch", "fp32", None), 1): EAGER, (Target("onnxruntime", "fp32", None), 1): FP32,
-               (Target("onnxruntime", "int8", None), 1): INT8}
+    samples = {(Timed("pytorch", "fp32", None), 1): EAGER, (Timed("onnxruntime", "fp32", None), 1): FP32,
+               (Timed("onnxruntime", "int8", None), 1): INT8}
     return bench.rows_for(samples, threads=0, warmup=0)
 
 

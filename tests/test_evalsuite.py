@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgedistill import robustness
+from edgedistill import corruptions
 from edgedistill.cli import main
 
 from conftest import tiny_recipe, write_recipe
@@ -26,7 +26,7 @@ def seeded_run(tmp_path_factory, image_folder):
                                          "corruption_images": 12})
     recipe = write_recipe(folder / "r.yaml", r)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(robustness.CORRUPTIONS._items, "grey_out", grey_out)
+        mp.setitem(corruptions.CORRUPTIONS._items, "grey_out", grey_out)
         assert main(["recipe", "run", str(recipe), "--out", str(folder / "run"), "--seeds", "2"]) == 0
     return folder / "run"
 
@@ -111,7 +111,7 @@ def test_sweep_reuses_shared_stages_and_writes_pareto(tmp_path, image_folder, ca
 def test_cued_images_follow_the_split_they_depict(tmp_path):
     """Spurious-cue copies are keyed by the image and cue they show: after images are added to the folder (a new
     split), every cued training image is still its own source image with its own class's cue, not a stale copy."""
-    from edgedistill.robustness import add_cue
+    from edgedistill.spurious import add_cue
 
     root = write_noise_folder(tmp_path / "noise")
     r = tiny_recipe(root, baseline=False, eval={"spurious": "patch"},

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from edgedistill.target.run import BundleError, load_bundle, preprocess
 from PIL import Image
 
 from edgedistill import cli
+from edgedistill.runtime.preprocess import preprocess
+from edgedistill.runtime.run import BundleError, load_bundle
 from edgedistill.recipe import ExportCfg, Recipe, RecipeError, build, dump_recipe
 from edgedistill.students import build_student, save_student
 from edgedistill.teachers import InputSpec
@@ -255,11 +256,11 @@ def test_calibration_uses_only_kept_synthetic_images_and_never_selection_images(
 def test_bundle_predictions_match_pytorch_on_images(exported, run_dir):
     from edgedistill.students import LogitsOnly, load_student
 
-    student, blob = load_student(run_dir)
+    student, saved = load_student(run_dir)
     split = json.loads((run_dir / "split.json").read_text())
     images = [Image.open(p) for p, _ in split["test"][:8]]
     with torch.inference_mode():
-        ref = LogitsOnly(student)(torch.from_numpy(np.stack([preprocess(i, blob["input"]) for i in images]))).numpy()
+        ref = LogitsOnly(student)(torch.from_numpy(np.stack([preprocess(i, saved["input"]) for i in images]))).numpy()
     bundle = load_bundle(exported / "openvino-fp32")
     np.testing.assert_allclose(bundle.predict_images(images), ref, rtol=1e-3, atol=1e-3)
 
@@ -297,7 +298,7 @@ def test_cli_reports_unsupported_pair_without_traceback(run_dir, capsys):
 
 
 def test_recipe_validation_checks_export_pairs():
-    from edgedistill.recipe import check_registered_names
+    from edgedistill.checks import check_registered_names
 
     recipe = build(Recipe, {"student": {"name": "test_efficientnet"}, "loss": {"ce": 1.0},
                             "export": {"formats": ["tensorrt"], "precision": ["int4"]}}, "")

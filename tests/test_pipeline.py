@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,10 +89,10 @@ def test_changed_setting_reruns_only_what_depends_on_it(finished_run, caplog):
 
 def test_a_new_code_version_recomputes_that_stage_and_what_follows(finished_run, caplog, monkeypatch):
     # A run folder made by older code is never silently reused: every stage's key carries its code version.
-    from edgedistill import pipeline
+    from edgedistill import run_folder
 
     recipe, run = finished_run
-    monkeypatch.setitem(pipeline.STAGE_VERSIONS, "features", pipeline.STAGE_VERSIONS["features"] + 1)
+    monkeypatch.setitem(run_folder.STAGE_VERSIONS, "features", run_folder.STAGE_VERSIONS["features"] + 1)
     caplog.set_level("INFO")
     assert run_cli(recipe, "--out", run) == 0
     messages = " ".join(r.message for r in caplog.records)
@@ -156,6 +157,45 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, image_folder, worke
     assert [json.loads(x)["epoch"] for x in logged] == [1, 2, 3, 4, 5, 6], "the log has each epoch once"
 
 
+def test_kill_during_the_feature_stage_and_resume_matches_uninterrupted_run(tmp_path):
+    # SIGKILL while the teacher-feature cache is half written (2 data workers): the re-run computes only what is
+    # missing and ends with the same weights, bit for bit, as a run that was never interrupted.
+    from conftest import make_image_folder
+
+    images = make_image_folder(tmp_path / "images", per_class=60, corrupt=False)
+    r = tiny_recipe(images, train={"epochs": 2, "batch_size": 8, "lr": 0.003, "device": "cpu"}, baseline=False)
+    r["data"].update(num_workers=2, views=1)
+    r["teacher"]["batch_size"] = 2  # many small blocks: a wide window in which to kill
+    recipe = write_recipe(tmp_path / "r.yaml", r)
+    cmd = [sys.executable, "-m", "edgedistill", "recipe", "run", str(recipe), "--out"]
+    straight = tmp_path / "straight"
+    subprocess.run(cmd + [str(straight)], env=ENV, check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + [str(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    def half_written(flags: Path) -> bool:
+        done = np.fromfile(flags, dtype=np.uint8)
+        return 0 < done.sum() < done.size
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any(half_written(f) for f in (killed / "cache").glob("train-*/done.u8")):  # filled after "eval"
+            break
+        time.sleep(0.002)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "stages" / "features.json").exists(), "killed after the feature stage, not during it"
+
+    subprocess.run(cmd + [str(killed)], env=ENV, check=True, capture_output=True, text=True)
+    sa = torch.load(straight / "student" / "model.pt", weights_only=True)["state_dict"]
+    sb = torch.load(killed / "student" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), "the resumed run ends with other weights"
+    for model in ("teacher", "student"):
+        assert metrics_of(straight)[model]["confusion"] == metrics_of(killed)[model]["confusion"], model
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, image_folder):
     # LayerNorm (not BatchNorm) student: per-rank batch statistics cannot differ.
@@ -183,7 +223,7 @@ def test_torchrun_two_processes_match_one(tmp_path, image_folder):
 def test_online_teacher_with_mixup_trains(tmp_path, image_folder):
     r = tiny_recipe(image_folder, baseline=False, train={"epochs": 1, "batch_size": 8, "lr": 0.003, "device": "cpu",
                                                          "teacher": "online"})
-    r["data"].update(mixup=0.2, augment="p1")
+    r["data"].update(mixup=0.2, augment="crop_flip_jitter")
     assert main(["recipe", "run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run")]) == 0
     row = json.loads((tmp_path / "run" / "student" / "log.jsonl").read_text().splitlines()[-1])
     assert row["kd"] > 0 and row["ce"] > 0
@@ -205,7 +245,7 @@ def test_a_run_folder_carrying_pickled_code_is_refused(finished_run, tmp_path):
     import pickle
     import shutil
 
-    from edgedistill.pipeline import load_run_teacher
+    from edgedistill.run_folder import load_run_teacher
     from edgedistill.students import load_student
 
     _, run = finished_run
@@ -213,8 +253,8 @@ def test_a_run_folder_carrying_pickled_code_is_refused(finished_run, tmp_path):
     shutil.copytree(run, copy)
     marker = tmp_path / "pwned"
     torch.save({"fc.weight": _RunsCode(marker)}, copy / "probe" / "head.pt")
-    blob = torch.load(copy / "student" / "model.pt", weights_only=True)
-    torch.save({**blob, "extra": _RunsCode(marker)}, copy / "student" / "model.pt")
+    saved = torch.load(copy / "student" / "model.pt", weights_only=True)
+    torch.save({**saved, "extra": _RunsCode(marker)}, copy / "student" / "model.pt")
     with pytest.raises(pickle.UnpicklingError):
         load_run_teacher(copy)
     with pytest.raises(pickle.UnpicklingError):

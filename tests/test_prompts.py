@@ -126,7 +126,7 @@ def test_llm_answer_without_two_options_is_refused():
 
 
 def test_empty_dimensions_are_filled_once_by_the_llm(tmp_path):
-    from edgedistill.data.synth import resolve_dimensions
+    from edgedistill.data.generation import resolve_dimensions
     from edgedistill.recipe import SynthCfg
 
     asked = []
@@ -143,13 +143,15 @@ def test_empty_dimensions_are_filled_once_by_the_llm(tmp_path):
 
 
 def test_sdxl_conditioning_matches_the_pipeline_encoding():
-    from edgedistill.data import synth, tiny_sd
+    from edgedistill.data import tiny_sd
+    from edgedistill.data.generation import Job
+    from edgedistill.data.generators import GENERATORS, condition, resolve_settings
     from edgedistill.recipe import SynthCfg
 
     pipe = tiny_sd.sdxl_pipeline()
-    settings = synth.resolve_settings(SynthCfg(generator="tiny-sdxl"))
-    jobs = [synth.Job("cat", 0, 0, 0, "a photo of a cat on a sofa")]
-    kw = synth.condition(pipe, synth.GENERATORS.get("tiny-sdxl"), settings, jobs)
+    settings = resolve_settings(SynthCfg(generator="tiny-sdxl"))
+    jobs = [Job("cat", 0, 0, 0, "a photo of a cat on a sofa")]
+    kw = condition(pipe, GENERATORS.get("tiny-sdxl"), settings, jobs)
     ref, _, pooled, _ = pipe.encode_prompt(jobs[0].prompt, device="cpu", do_classifier_free_guidance=False)
     torch.testing.assert_close(kw["prompt_embeds"], ref, atol=1e-5, rtol=1e-5)  # both encoders' penultimate layers
     torch.testing.assert_close(kw["pooled_prompt_embeds"], pooled, atol=1e-5, rtol=1e-5)

@@ -22,7 +22,7 @@ def test_student_taught_only_by_a_real_teacher_learns_the_task(tmp_path):
                  "crop_pct": 1.0, "augment": "light", "views": 1},
         "teacher": {"name": "efficientnet-lite", "arch": "lite0", "image_size": 160, "head": "linear",
                     "probe_epochs": 150, "probe_lr": 0.003},
-        "student": {"name": "tf_efficientnet_lite0", "weights": "efficientnet-lite0"},
+        "student": {"name": "tf_efficientnet_lite0", "packaged_weights": "efficientnet-lite0"},
         "loss": {"kd": 1.0},
         "train": {"epochs": 8, "batch_size": 8, "lr": 3.0e-4, "weight_decay": 0.01, "device": "cpu"},
         "baseline": False,

@@ -11,7 +11,8 @@ import torch
 from edgedistill.cli import main
 from edgedistill.data import resize_normalize, view_image
 from edgedistill.data.cache import FeatureCache, view_seed
-from edgedistill.pipeline import Run, stage_split
+from edgedistill.run_folder import Run
+from edgedistill.stages import stage_split
 from edgedistill.recipe import Recipe, build
 from edgedistill.teachers import build_teacher
 
@@ -112,8 +113,8 @@ def test_teacher_and_student_see_the_same_view(tmp_path, image_folder):
     r = recipe_with(image_folder, views=2, epochs=1)
     r["data"].pop("crop_pct")
     run = run_recipe(tmp_path, r, tmp_path / "view")
-    blob = torch.load(run / "student" / "model.pt", weights_only=False)
-    recipe = build(Recipe, blob["recipe"], "")
+    saved = torch.load(run / "student" / "model.pt", weights_only=False)
+    recipe = build(Recipe, saved["recipe"], "")
     teacher = build_teacher(recipe.teacher).eval()
     split = json.loads((run / "split.json").read_text())
     caches = [open_cache(train_cache(run, views=False)), open_cache(train_cache(run, views=True))]
@@ -122,7 +123,7 @@ def test_teacher_and_student_see_the_same_view(tmp_path, image_folder):
         for view, cache in enumerate(caches):
             # What the student trains on for this view (DistillSet: the seed-salted view at the student's crop).
             img = view_image(path, recipe.data.augment, view_seed(path, view, recipe.train.seed),
-                             blob["input"]["crop_pct"])
+                             saved["input"]["crop_pct"])
             with torch.no_grad():
                 f = teacher.encode(torch.from_numpy(resize_normalize(img, teacher.info.input.to_dict()))[None])
             assert torch.allclose(f[0], cache.get([i], [0])[0], atol=1e-4), f"view {view} differs"
@@ -161,7 +162,7 @@ def test_split_key_follows_the_folders_contents(tmp_path):
 
 
 def test_eval_every_logs_validation_accuracy_and_cutmix_trains(tmp_path, image_folder):
-    r = recipe_with(image_folder, views=1, epochs=2, val_fraction=0.2, cutmix=1.0, augment="p1")
+    r = recipe_with(image_folder, views=1, epochs=2, val_fraction=0.2, cutmix=1.0, augment="crop_flip_jitter")
     r["train"].update(teacher="online", eval_every=1)
     run = run_recipe(tmp_path, r, tmp_path / "val")
     rows = [json.loads(x) for x in (run / "student" / "log.jsonl").read_text().splitlines()]

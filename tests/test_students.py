@@ -9,14 +9,14 @@ from edgedistill.students import build_student
 @pytest.mark.parametrize("name", ["mobilenetv3_small_050", "test_efficientnet", "test_resnet"])
 def test_heads_match_backbone_output(name):
     # MobileNetV3 returns its 1024-wide conv_head output with num_classes=0, not num_features (576 for small_100).
-    recipe = load_recipe("quickstart", [f"student.name={name}", "student.weights=''", "loss.feature_l2=1.0"])
+    recipe = load_recipe("quickstart", [f"student.name={name}", "student.packaged_weights=''", "loss.feature_l2=1.0"])
     student = build_student(recipe, num_classes=3, teacher_dim=48).eval()
     out = student(torch.randn(2, 3, 64, 64))
     assert out["logits"].shape == (2, 3) and out["embedding"].shape == (2, 48)
 
 
 def test_initialisation_ignores_earlier_random_draws():
-    recipe = load_recipe("quickstart", ["student.name=test_efficientnet", "student.weights=''"])
+    recipe = load_recipe("quickstart", ["student.name=test_efficientnet", "student.packaged_weights=''"])
     a = build_student(recipe, 3, 16)
     torch.rand(1000)  # e.g. a probe stage that ran earlier in the same process
     b = build_student(recipe, 3, 16)
@@ -27,7 +27,7 @@ def test_seed_changes_a_random_initialisation():
     # A random-init student (no packaged or hub weights): each seed must start from different weights, the same seed
     # from the same ones; otherwise `--seeds N` measures N copies of one run.
     def weights(seed):
-        recipe = load_recipe("quickstart", ["student.name=test_efficientnet", "student.weights=''",
+        recipe = load_recipe("quickstart", ["student.name=test_efficientnet", "student.packaged_weights=''",
                                             f"train.seed={seed}"])
         return build_student(recipe, 3, 16).state_dict()
 

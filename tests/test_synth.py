@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 from edgedistill import cli
-from edgedistill.data import make_split, synth
-from edgedistill.data.synth import HalvingBatcher, chunks, generate, plan, read_manifest
+from edgedistill.data import generation, make_split
+from edgedistill.data.curate import synth_stage
+from edgedistill.data.generation import check_synth, chunks, generate, my_chunks, parse_shard, plan, read_manifest
+from edgedistill.data.generators import HalvingBatcher
 from edgedistill.recipe import DataCfg, LossCfg, Recipe, RecipeError, SynthCfg, TeacherCfg
 from edgedistill.utils import derived_seed, sha256_file
 
@@ -41,7 +43,7 @@ def split(data_root) -> dict:
 
 def tiny_recipe(data_root, **synthetic) -> Recipe:
     cfg = {"generator": "tiny-sd", "images_per_class": 3, "batch_size": 2, "dimensions": DIMS,
-           "weights": {"class": 1.5}, **synthetic}
+           "prompt_weights": {"class": 1.5}, **synthetic}
     return Recipe(name="tiny", data=DataCfg(root=str(data_root), test_fraction=0.25, superclass="pet"),
                   teacher=TeacherCfg(name="tiny-clip", head="zeroshot"), loss=LossCfg(feature_l2=1.0),
                   synthetic=SynthCfg(**cfg))
@@ -84,7 +86,7 @@ def test_deleting_an_image_regenerates_exactly_that_image(one_process, tmp_path,
     assert sha256_file(lost) == rows[3]["sha256"]  # byte-identical
     assert all(p.stat().st_mtime_ns == t for p, t in others.items())  # nothing else was rewritten
     # With nothing missing, a re-run does not even build a pipeline.
-    monkeypatch.setattr(synth, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline for nothing"))
+    monkeypatch.setattr(generation, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline for nothing"))
     assert generate(tiny_recipe(data_root), out, split) == rows
 
 
@@ -105,9 +107,9 @@ def test_chunks_are_fixed_per_class_and_shards_round_robin(data_root, split):
     parts = chunks(jobs, 2)
     assert [[(j.group, j.index) for j in c] for c in parts] == [
         [("cat", 0), ("cat", 1)], [("cat", 2)], [("dog", 0), ("dog", 1)], [("dog", 2)]]
-    assert synth.my_chunks(parts, (1, 2)) == [parts[1], parts[3]]
+    assert my_chunks(parts, (1, 2)) == [parts[1], parts[3]]
     with pytest.raises(ValueError, match="i/n"):
-        synth.parse_shard("2/2")
+        parse_shard("2/2")
 
 
 def test_times_train_sizes_the_set_from_the_real_train_split(data_root, split):
@@ -157,13 +159,13 @@ def test_cuda_oom_halves_the_batch_and_carries_on():
 @pytest.mark.parametrize("synthetic, message", [
     ({"mix": "inter"}, "mixing real images needs one of"),
     ({"images_per_class": 0}, "exactly one of"),
-    ({"weights": {"clas": 1.5}}, "Did you mean 'class'"),
+    ({"prompt_weights": {"clas": 1.5}}, "Did you mean 'class'"),
     ({"templates": ["a photo of a {class}"]}, "may use only {c} and {superclass}"),
     ({"dimensions": {"place": []}}, "no 'synthetic.llm'"),
 ])
 def test_bad_synthetic_settings_fail_before_any_work(data_root, synthetic, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("{", r"\{")):
-        synth.check_synth(tiny_recipe(data_root, **synthetic))
+        check_synth(tiny_recipe(data_root, **synthetic))
 
 
 def test_synth_stage_caches_teacher_features_and_curates(one_process, tmp_path, data_root, split):
@@ -174,9 +176,9 @@ def test_synth_stage_caches_teacher_features_and_curates(one_process, tmp_path, 
     recipe = tiny_recipe(data_root, curate_dedup=0.99999, curate_leakage=0.5)
     teacher = build_teacher(recipe.teacher)
     with pytest.raises(RecipeError, match="teacher's head"):
-        synth.synth_stage(tiny_recipe(data_root, curate_agree=True), tmp_path, teacher, split, "cpu")
+        synth_stage(tiny_recipe(data_root, curate_agree=True), tmp_path, teacher, split, "cpu")
     teacher.head = teacher.text_head(CLASSES, recipe.teacher.templates, "pet")
-    result = synth.synth_stage(recipe, tmp_path, teacher, split, "cpu")
+    result = synth_stage(recipe, tmp_path, teacher, split, "cpu")
     report = result["report"]
     assert report["generated"] == 6 and report["kept"] == 6 - report["leakage"] - report["duplicate"]
     assert report["leakage"] == 6  # a random tiny teacher sees every image as close to every other
@@ -184,7 +186,7 @@ def test_synth_stage_caches_teacher_features_and_curates(one_process, tmp_path, 
     assert len(curation["dropped"]) == 6 and curation["report"] == report
     # The cache holds every generated image; the kept rows point at their own features.
     recipe = tiny_recipe(data_root, curate_dedup=0.99999)
-    result = synth.synth_stage(recipe, tmp_path, teacher, split, "cpu")
+    result = synth_stage(recipe, tmp_path, teacher, split, "cpu")
     assert result["cache"].complete and len(result["items"]) == len(result["rows"]) == result["report"]["kept"]
     path, _ = result["items"][-1]
     x = resize_normalize(view_image(path, "light", None, 1.0), teacher.info.input.to_dict())

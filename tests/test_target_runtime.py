@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from edgedistill.target import run as rt
 from PIL import Image
 from test_export import make_run
+
+from edgedistill.runtime import preprocess as pp
+from edgedistill.runtime import run as rt
 
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'edgedistill[onnx]')")
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +30,9 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def device(run_dir, tmp_path_factory):
-    """What a user copies to a device: export/run.py and a bundle, in a folder of their own."""
+    """What a user copies to a device: the export/ folder and a bundle, in a folder of their own."""
     folder = tmp_path_factory.mktemp("device")
-    shutil.copy(ROOT / "export" / "run.py", folder)
+    shutil.copytree(ROOT / "export", folder / "export", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(run_dir / "export" / "onnx-int8", folder / "onnx-int8")
     shim = folder / "shim"
     shim.mkdir()
@@ -55,11 +57,11 @@ def test_predict_without_torch_gives_pytorch_top1(run_dir, device):
 
     split = json.loads((run_dir / "split.json").read_text())
     paths = [p for p, _ in split["test"][::3]]
-    student, blob = load_student(run_dir)
-    x = torch.from_numpy(np.stack([rt.preprocess(rt.load_image(p), blob["input"]) for p in paths]))
+    student, saved = load_student(run_dir)
+    x = torch.from_numpy(np.stack([rt.preprocess(rt.load_image(p), saved["input"]) for p in paths]))
     with torch.inference_mode():
-        expected = [blob["class_names"][i] for i in LogitsOnly(student)(x).argmax(1)]
-    done = subprocess.run([sys.executable, "run.py", "predict", "onnx-int8", *paths, "--json"],
+        expected = [saved["class_names"][i] for i in LogitsOnly(student)(x).argmax(1)]
+    done = subprocess.run([sys.executable, "export/run.py", "predict", "onnx-int8", *paths, "--json"],
                           env=no_torch_env(device), cwd=device, check=False, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
@@ -69,14 +71,14 @@ def test_predict_without_torch_gives_pytorch_top1(run_dir, device):
 
 def test_bench_and_verify_without_torch(device):
     env = no_torch_env(device)
-    done = subprocess.run([sys.executable, "run.py", "bench", "onnx-int8", "--batch", "1,4", "--iters", "5",
+    done = subprocess.run([sys.executable, "export/run.py", "bench", "onnx-int8", "--batch", "1,4", "--iters", "5",
                            "--warmup", "1", "--json", "rows.json"], env=env, cwd=device, check=False,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     rows = json.loads((device / "rows.json").read_text())
     assert [r["batch"] for r in rows] == [1, 4] and all(r["p50_ms"] > 0 for r in rows)
     assert rows[0]["backend"] == "onnxruntime" and rows[0]["precision"] == "int8"
-    done = subprocess.run([sys.executable, "run.py", "verify", "onnx-int8"], env=env, cwd=device,
+    done = subprocess.run([sys.executable, "export/run.py", "verify", "onnx-int8"], env=env, cwd=device,
                           check=False, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["top1_agreement"] >= 0.97
@@ -89,8 +91,9 @@ def test_altered_bundle_is_refused_on_the_device(device, tmp_path):
     manifest["files"]["model.onnx"] = "0" * 64
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     Image.new("RGB", (20, 20)).save(tmp_path / "x.png")
-    done = subprocess.run([sys.executable, str(device / "run.py"), "predict", str(bundle), str(tmp_path / "x.png")],
-                          env=no_torch_env(device), check=False, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(device / "export" / "run.py"), "predict", str(bundle),
+                           str(tmp_path / "x.png")], env=no_torch_env(device), check=False, capture_output=True,
+                          text=True)
     assert done.returncode == 2 and "model.onnx changed after export" in done.stderr, done.stderr
 
 
@@ -112,9 +115,44 @@ def test_manifest_pointing_outside_or_at_an_unchecked_file_is_refused(device, tm
         expected = "not in the manifest's sha256 table"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     Image.new("RGB", (20, 20)).save(tmp_path / "x.png")
-    done = subprocess.run([sys.executable, str(device / "run.py"), "predict", str(bundle), str(tmp_path / "x.png")],
-                          env=no_torch_env(device), check=False, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(device / "export" / "run.py"), "predict", str(bundle),
+                           str(tmp_path / "x.png")], env=no_torch_env(device), check=False, capture_output=True,
+                          text=True)
     assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_copied_export_folder_runs_from_any_cwd_without_its_folder_on_sys_path(device, tmp_path):
+    # -P keeps the script's own folder off sys.path (as -I and some embedding hosts do), and the cwd is elsewhere:
+    # run.py still finds preprocess.py beside it. The shim makes torch and edgedistill unimportable.
+    Image.new("RGB", (30, 20), "blue").save(tmp_path / "x.png")
+    done = subprocess.run([sys.executable, "-P", str(device / "export" / "run.py"), "predict",
+                           str(device / "onnx-int8"), "x.png", "--json"],
+                          env=no_torch_env(device), cwd=tmp_path, check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[0]["top1"] == "blue"
+
+
+def test_library_preprocessing_is_the_code_in_export_preprocess_py():
+    from edgedistill import data
+    from edgedistill.export import images
+
+    source = str(ROOT / "export" / "preprocess.py")
+    for fn in (data.preprocess, data.resize_normalize, data.center_crop_box, data.to_rgb,
+               images.input_pixels, images.normalize, images.load_image, rt.preprocess):
+        assert fn.__code__.co_filename == source, fn
+    assert data.preprocess is pp.preprocess is rt.preprocess  # one module object, not a second copy
+
+
+def test_library_imports_the_runtime_from_a_plain_checkout():
+    # -S skips the .pth files, so no editable-install finder: only the checkout and site-packages are on sys.path.
+    import site
+
+    code = ("import sys; sys.path[:0] = sys.argv[1:]; import edgedistill.data, edgedistill.export.parity; "
+            "print(edgedistill.runtime.preprocess.__file__)")
+    done = subprocess.run([sys.executable, "-S", "-c", code, str(ROOT), *site.getsitepackages()],
+                          cwd=ROOT.parent, check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(ROOT / "export" / "preprocess.py")
 
 
 def test_load_bundle_api(run_dir):
@@ -122,10 +160,10 @@ def test_load_bundle_api(run_dir):
     assert bundle.class_names == ["red", "green", "blue"] and bundle.name == "onnx-fp32"
     from edgedistill.students import load_student
 
-    _, blob = load_student(run_dir)
-    assert {k: bundle.spec[k] for k in blob["input"]} == blob["input"]  # preprocessing recorded exactly
+    _, saved = load_student(run_dir)
+    assert {k: bundle.spec[k] for k in saved["input"]} == saved["input"]  # preprocessing recorded exactly
     images = [Image.new("RGB", (64, 40), c) for c in ("red", "green", "blue")]
-    direct = bundle.predict(np.stack([rt.preprocess(i, blob["input"]) for i in images]))
+    direct = bundle.predict(np.stack([rt.preprocess(i, saved["input"]) for i in images]))
     np.testing.assert_array_equal(bundle.predict_images(images), direct)
     assert list(direct.argmax(1)) == [0, 1, 2]
     with pytest.raises(ValueError, match="NCHW"):
@@ -152,7 +190,7 @@ def test_build_engine_without_tensorrt_says_what_to_install(run_dir, tmp_path):
 
 def test_trtexec_command(tmp_path, monkeypatch):
     """The trtexec path, against a stand-in trtexec that records its arguments (TensorRT can't be installed here)."""
-    from edgedistill.target import build_engine as be
+    from edgedistill.runtime import build_engine as be
 
     fake = tmp_path / "bin" / "trtexec"
     fake.parent.mkdir()
@@ -179,7 +217,7 @@ def _has(module: str) -> bool:
 def test_tensorrt_engine_matches_pytorch(run_dir, tmp_path):
     if not (_has("tensorrt") and torch.cuda.is_available()):
         pytest.skip("TensorRT engines need the tensorrt package and an NVIDIA GPU; neither can be installed here")
-    from edgedistill.target.build_engine import build_bundle
+    from edgedistill.runtime.build_engine import build_bundle
 
     folder = build_bundle(run_dir / "export" / "onnx-fp32", "fp16", out=tmp_path / "tensorrt-fp16")
     assert json.loads((folder / "manifest.json").read_text())["parity"]["passed"]

@@ -49,7 +49,7 @@ def imagenet_top5(teacher, photo) -> list[int]:
     """The teacher's own ImageNet top-5 on a photo, preprocessed as the teacher declares (size, crop, mean/std)."""
     from PIL import Image
 
-    from edgedistill.target.run import preprocess
+    from edgedistill.runtime.preprocess import preprocess
 
     head, _ = teacher.native_head()
     x = torch.from_numpy(preprocess(Image.fromarray(photo), teacher.info.input.to_dict()))[None]

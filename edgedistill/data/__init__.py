@@ -12,12 +12,17 @@ import numpy as np
 from PIL import Image
 
 from ..registry import Registry
-from ..target.run import center_crop_box, preprocess, resize_normalize, to_rgb
+from ..runtime.preprocess import center_crop_box, preprocess, resize_normalize, to_rgb
 
 log = logging.getLogger(__name__)
 DATASETS = Registry("dataset")
 AUGMENTS = Registry("augmentation preset")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
+class DataError(ValueError):
+    """The data a recipe points at cannot train a classifier as given: fewer than two classes, a class with no
+    (readable) images. The message names the dataset and the classes concerned."""
 
 
 @dataclass
@@ -52,7 +57,8 @@ def image_folder(cfg) -> Source:
     if (root / "train").is_dir() and (root / "test").is_dir():
         train, test = scan_image_folder(root / "train"), scan_image_folder(root / "test")
         if train.classes != test.classes:
-            raise ValueError(f"{root}/train and {root}/test have different class folders")
+            raise DataError(f"{root}/train and {root}/test have different class folders: {train.classes} and "
+                            f"{test.classes}")
         return Source(train.classes, train.train, test.train)
     return scan_image_folder(root)
 
@@ -128,7 +134,8 @@ def drop_unreadable(items: list, workers: int = 4) -> tuple[list, list]:
 
 
 def stratified_split(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out ``fraction`` of each class (at least one image per class when the class has two or more)."""
+    """Hold out ``fraction`` of each class: at least one image and never all of them when the class has two or more;
+    a class of one image stays in the kept part."""
     rng = np.random.default_rng(seed)
     by_class: dict = {}
     for it in items:
@@ -138,7 +145,7 @@ def stratified_split(items: list, fraction: float, seed: int) -> tuple[list, lis
         group = by_class[label]
         order = rng.permutation(len(group))
         n = int(round(len(group) * fraction))
-        n = max(n, 1) if fraction > 0 and len(group) > 1 else n
+        n = min(max(n, 1), len(group) - 1) if fraction > 0 and len(group) > 1 else 0  # never the whole class
         held += [group[i] for i in sorted(order[:n])]
         keep += [group[i] for i in sorted(order[n:])]
     return keep, held
@@ -156,27 +163,66 @@ def cap_per_class(items: list, cap: int, seed: int) -> list:
 
 
 def make_split(cfg) -> dict:
-    """Train/val/test lists of (path, label) for a recipe's data section, unreadable images removed."""
+    """Train/val/test lists of (path, label) for a recipe's data section, unreadable images removed.
+
+    Raises DataError, before any model work, when fewer than two classes are left or a class has no readable
+    training image; single unreadable images are reported and skipped.
+    """
+    # 1. The dataset's classes, narrowed to data.classes when the recipe names some.
     src = DATASETS.get(cfg.dataset)(cfg)
     classes = list(cfg.classes) or src.classes
     if cfg.classes:
         unknown = [c for c in cfg.classes if c not in src.classes]
         if unknown:
-            raise ValueError(f"Recipe key 'data.classes' names classes the dataset lacks: {unknown}; "
-                             f"it has {src.classes}")
+            raise DataError(f"Recipe key 'data.classes' names classes the dataset lacks: {unknown}; "
+                            f"it has {src.classes}")
         remap = {src.classes.index(c): i for i, c in enumerate(cfg.classes)}
         src = Source(classes, [(p, remap[y]) for p, y in src.train if y in remap],
                      [(p, remap[y]) for p, y in src.test if y in remap])
-    train, skipped = drop_unreadable(cap_per_class(src.train, cfg.max_per_class, cfg.split_seed))
+    check_classes(cfg, classes, src.train)
+    # 2. Decode every image once; a class left with none fails here, naming it.
+    sampled = cap_per_class(src.train, cfg.max_per_class, cfg.split_seed)
+    train, skipped = drop_unreadable(sampled)
+    check_readable(cfg, classes, sampled, train, skipped)
     test, skipped_test = drop_unreadable(src.test)
+    # 3. Held-out splits, stratified by class.
     if not src.test:
         train, test = stratified_split(train, cfg.test_fraction, cfg.split_seed)
     val = []
     if cfg.val_fraction > 0:
         train, val = stratified_split(train, cfg.val_fraction, cfg.split_seed + 7)
-    if not train:
-        raise ValueError(f"Dataset {cfg.dataset!r} has no readable training images")
     return {"classes": classes, "train": train, "val": val, "test": test, "skipped": skipped + skipped_test}
+
+
+def describe_dataset(cfg) -> str:
+    """How an error names the data: the folder for an image folder, else the dataset's name."""
+    if cfg.dataset == "imagefolder":
+        return f"Image folder {Path(cfg.root).expanduser()}"
+    return f"Dataset {cfg.dataset!r}"
+
+
+def check_classes(cfg, classes: list, items: list):
+    """At least two classes, each with at least one training image."""
+    if len(classes) < 2:
+        where = ("Recipe key 'data.classes' selects" if cfg.classes else f"{describe_dataset(cfg)} has")
+        hint = " (expected ROOT/<class>/<image>, one folder per class)" if cfg.dataset == "imagefolder" else ""
+        raise DataError(f"{where} {len(classes)} class {classes}; a classifier needs at least two{hint}")
+    counts = np.bincount([y for _, y in items], minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise DataError(f"{describe_dataset(cfg)}: class(es) {empty} have no training images "
+                        f"(extensions read: {' '.join(sorted(IMAGE_EXTENSIONS))})")
+
+
+def check_readable(cfg, classes: list, before: list, kept: list, skipped: list):
+    """Every class keeps at least one image after the unreadable ones are dropped."""
+    left = {y for _, y in kept}
+    reasons = {s["path"]: s["reason"] for s in skipped}
+    dead = [(c, [p for p, y in before if y == label]) for label, c in enumerate(classes) if label not in left]
+    if dead:
+        detail = "; ".join(f"class {c!r} has no readable image (all {len(paths)} fail to decode, e.g. {paths[0]}: "
+                           f"{reasons[paths[0]]})" for c, paths in dead)
+        raise DataError(f"{describe_dataset(cfg)}: {detail}; replace the files or remove the class")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,17 +261,24 @@ def augment_light(img, rng, crop_pct):
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
 
 
-@AUGMENTS.register("p1")
-def augment_p1(img, rng, crop_pct):
-    """P1 (App. A.3): RandomResizedCrop scale 0.08, ColorJitter 0.4, flip 0.5 (Mixup is a batch-level setting)."""
+@AUGMENTS.register("crop_flip_jitter")
+def augment_crop_flip_jitter(img, rng, crop_pct):
+    """RandomResizedCrop (scale 0.08-1), flip 0.5, ColorJitter 0.4 on brightness, contrast and saturation.
+
+    P1's recipe (Marrie et al., App. A.3); its Mixup is the batch-level setting ``data.mixup``.
+    """
     img = img.crop(random_resized_crop_box(img.width, img.height, rng, scale=(0.08, 1.0)))
     img = color_jitter(img, rng, 0.4)
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
 
 
-@AUGMENTS.register("p3")
-def augment_p3(img, rng, crop_pct):
-    """P3 (RSB A2): RandomResizedCrop, flip, RandAugment m7 mstd 0.5 (Mixup/CutMix are batch-level settings)."""
+@AUGMENTS.register("crop_flip_randaugment")
+def augment_crop_flip_randaugment(img, rng, crop_pct):
+    """RandomResizedCrop (scale 0.08-1), flip 0.5, then timm's RandAugment ``rand-m7-mstd0.5``.
+
+    P3's strong augmentation (Hao et al., after timm's ResNet Strikes Back A2); its Mixup/CutMix are the batch-level
+    settings ``data.mixup`` / ``data.cutmix``.
+    """
     import random
 
     from timm.data.auto_augment import rand_augment_transform

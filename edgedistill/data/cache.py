@@ -53,7 +53,7 @@ class FeatureCache:
         if fresh:  # a different teacher, item list or view count never reuses old rows
             for name in ("features.f32", "done.u8"):
                 (self.folder / name).unlink(missing_ok=True)
-            (self.folder / "keys.json").write_text(json.dumps(self.keys))
+            write_json(self.folder / "keys.json", self.keys)
             write_json(meta_path, info)
         mode = "w+" if fresh or not (self.folder / "features.f32").exists() else "r+"
         self.features = np.memmap(self.folder / "features.f32", dtype=np.float32, mode=mode, shape=shape)

@@ -12,6 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -105,7 +107,7 @@ def recipe_export_cfg(run_dir: Path):
     return build(ExportCfg, section, "export") if section else None
 
 
-def check_backends(cfg) -> list:
+def usable_formats(cfg) -> list:
     """Formats that can run here; missing Python packages fail all at once, a missing TensorRT/GPU is skipped."""
     from ..utils import require
 
@@ -145,7 +147,7 @@ def export_run(run_dir, formats=None, precisions=None, cfg=None) -> list:
     # 1. Validate the request and the backends before any work.
     run_dir = Path(run_dir)
     cfg = resolve_cfg(run_dir, formats, precisions, cfg)
-    usable = check_backends(cfg)
+    usable = usable_formats(cfg)
     if not usable:
         return []
     # 2. Load the student, the test and selection images and PyTorch's scores on them once for every artifact.
@@ -157,7 +159,7 @@ def export_run(run_dir, formats=None, precisions=None, cfg=None) -> list:
     results = [export_one(job, name, p) for name in usable for p in sorted(cfg.precision, key=PRECISIONS.index)
                if p in FORMATS[name].precisions]
     log.info("Export summary for %s:\n%s", run_dir, summary_table(results))
-    (job.out_root / "summary.md").write_text(summary_table(results) + "\n")
+    atomic_write_text(job.out_root / "summary.md", summary_table(results) + "\n")
     shutil.rmtree(job.out_root / ".work", ignore_errors=True)
     failed = [r for r in results if not r["parity"]["passed"]]
     if failed:

@@ -29,7 +29,7 @@ class ExportJob:
     run_dir: Path
     cfg: object                 # recipe.ExportCfg
     model: object               # students.LogitsOnly, eval mode
-    blob: dict                  # what load_student returned besides the model
+    saved: dict                  # what load_student returned besides the model
     split: dict
     parity: ParitySet           # the held-out test split: pass/fail, measured once per bundle
     pools: Pools                # which images are for what (parity, selection, calibration), disjoint
@@ -44,15 +44,15 @@ class ExportJob:
     def create(cls, run_dir: Path, cfg) -> "ExportJob":
         from ..students import LogitsOnly, load_student
 
-        student, blob = load_student(run_dir)
+        student, saved = load_student(run_dir)
         model = LogitsOnly(student).eval()
         split = read_split(run_dir)
-        pools = image_pools(run_dir, split, blob.get("recipe") or {}, cfg)
-        spec = blob["input"]
+        pools = image_pools(run_dir, split, saved.get("recipe") or {}, cfg)
+        spec = saved["input"]
         parity = image_set(run_dir, pools.parity, pools.parity_split, parity_source(pools), spec, model)
         info = pools.selection_info
         selection = image_set(run_dir, pools.selection, info["split"], info["source"], spec, model, seed=1)
-        return cls(run_dir, cfg, model, blob, split, parity, pools, selection)
+        return cls(run_dir, cfg, model, saved, split, parity, pools, selection)
 
     def save_selection(self) -> Path:
         """``RUN/export/selection.json``: the selection images by path, so anyone can check they were held out."""
@@ -63,7 +63,7 @@ class ExportJob:
 
     @property
     def spec(self) -> dict:
-        return dict(self.blob["input"])
+        return dict(self.saved["input"])
 
     @property
     def out_root(self) -> Path:
@@ -158,17 +158,17 @@ def library_versions() -> dict:
     return versions
 
 
-def licences(blob: dict) -> dict:
+def licences(saved: dict) -> dict:
     """The teacher's and generator's weights and licences, carried forward from the run into every artifact."""
-    extra = blob.get("extra") or {}
-    student = blob.get("recipe", {}).get("student", {})
+    extra = saved.get("extra") or {}
+    student = saved.get("recipe", {}).get("student", {})
     return {"teacher": extra.get("teacher"), "generator": extra.get("generator"),
             "student_init": student.get("weights") or ("timm pretrained" if student.get("pretrained") else "random")}
 
 
 def start_bundle(job: ExportJob, folder: Path, fmt, precision: str, info: dict):
     """Write the manifest for freshly exported files (parity still to come) so the target runtime can open them."""
-    classes = list(job.blob["class_names"])
+    classes = list(job.saved["class_names"])
     batch = None if job.cfg.dynamic_batch else 1
     size = int(job.spec["size"])
     files = [*info["files"], store_reference(folder, job.parity)]
@@ -183,8 +183,8 @@ def start_bundle(job: ExportJob, folder: Path, fmt, precision: str, info: dict):
         "opset": info.get("opset"),
         "quantization": info.get("quantization"),
         "versions": library_versions(),
-        "licences": licences(job.blob),
-        "source": {"run": str(job.run_dir.resolve()), "student": job.blob.get("recipe", {}).get("student", {}),
+        "licences": licences(job.saved),
+        "source": {"run": str(job.run_dir.resolve()), "student": job.saved.get("recipe", {}).get("student", {}),
                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         "files": {name: sha256_file(folder / name) for name in files},
     }

@@ -1,8 +1,8 @@
 """Images for export, in three disjoint pools: the test split for the parity gate (measured once per bundle), a
 selection split that chooses between INT8 attempts, and the training images INT8 calibration and fine-tuning use.
 
-All go through ``edgedistill.target.run.input_pixels``, the one preprocessing implementation, and are kept as the
-uint8 pixels it returns, so a reference stored in a bundle reproduces the exact float input on the target.
+All go through ``input_pixels`` of ``export/preprocess.py``, the one preprocessing implementation, and are kept as
+the uint8 pixels it returns, so a reference stored in a bundle reproduces the exact float input on the target.
 """
 import json
 import logging
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..target.run import input_pixels, load_image, normalize
+from ..runtime.preprocess import input_pixels, load_image, normalize
 
 log = logging.getLogger(__name__)
 

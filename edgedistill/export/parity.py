@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..target.run import compare_scores, load_bundle
+from ..runtime.run import compare_scores, load_bundle
 from .images import load_pixels, random_pixels, to_inputs
 
 log = logging.getLogger(__name__)

@@ -147,6 +147,26 @@ def held_out_quality(tuned, val: np.ndarray, reference: np.ndarray) -> tuple[flo
     return float((out.argmax(1) == reference.argmax(1)).mean()), -kl
 
 
+def self_distillation_step(model, tuned, train: np.ndarray, rng, batch: int, t: float, optimizer) -> float:
+    """One step: ``tuned`` (simulated INT8) learns ``model``'s float scores on a random batch, flipped at random."""
+    import torch
+    import torch.nn.functional as F
+
+    idx = rng.choice(len(train), size=min(batch, len(train)), replace=False)
+    x = torch.from_numpy(train[idx])
+    flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    with torch.no_grad():
+        target = model(x)
+    out = tuned(x)
+    loss = (F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(target / t, 1), log_target=True, reduction="batchmean")
+            * t * t + F.mse_loss(out, target))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def finetune(model, calib: np.ndarray, train: np.ndarray, val: np.ndarray, float_modules=(), steps: int = 200,
              batch: int = 16, lr: float = 1e-5, recalibrate_every: int = 50, temperature: float = 2.0,
              seed: int = 0):
@@ -157,8 +177,8 @@ def finetune(model, calib: np.ndarray, train: np.ndarray, val: np.ndarray, float
     agreement picks the step and is reported before and after (never the test split).
     """
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
+
+    from ..utils import progress
 
     if not len(train):
         train = calib
@@ -176,8 +196,8 @@ def finetune(model, calib: np.ndarray, train: np.ndarray, val: np.ndarray, float
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
         losses, history = [], [(0, *before)]
         best = (before, 0, {k: v.clone() for k, v in tuned.state_dict().items()})
-        with torch.inference_mode(False), tqdm(range(steps), desc="INT8-aware fine-tuning", unit="step",
-                                               leave=False) as bar:
+        with torch.inference_mode(False), progress(range(steps), desc="INT8-aware fine-tuning",
+                                                   unit="step") as bar:
             for step in bar:
                 if step and step % recalibrate_every == 0:
                     calibrate(tuned, ranges, calib)
@@ -185,22 +205,10 @@ def finetune(model, calib: np.ndarray, train: np.ndarray, val: np.ndarray, float
                     history.append((step, *quality))
                     if quality > best[0]:
                         best = (quality, step, {k: v.clone() for k, v in tuned.state_dict().items()})
-                idx = rng.choice(len(train), size=min(batch, len(train)), replace=False)
-                x = torch.from_numpy(train[idx])
-                flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
-                with torch.no_grad():
-                    target = model(x)
-                out = tuned(x)
-                t = temperature
-                loss = (F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(target / t, 1), log_target=True,
-                                 reduction="batchmean") * t * t + F.mse_loss(out, target))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss = self_distillation_step(model, tuned, train, rng, batch, temperature, optimizer)
                 schedule.step()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+                losses.append(loss)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
         calibrate(tuned, ranges, calib)
         final = held_out_quality(tuned, val, reference_scores)
         history.append((steps, *final))

@@ -37,7 +37,7 @@ def unavailable() -> str | None:
 
 def export_bundle(job, folder: Path, precision: str) -> dict:
     """Build ``model.engine`` for ``precision`` from the job's FP32 ONNX graph, on this host's GPU."""
-    from ..target.build_engine import build_engine
+    from ..runtime.build_engine import build_engine
 
     size = int(job.spec["size"])
     calib, calib_info = job.calibration() if precision == "int8" else (None, None)

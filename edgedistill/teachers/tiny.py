@@ -1,7 +1,7 @@
 """Tiny random teachers built in code (seeded, no downloads) for tests and offline smoke runs."""
 import torch
 
-from . import TEACHERS, InputSpec, TeacherInfo
+from .base import InputSpec, TeacherInfo, register_teacher
 from .clip import ClipTeacher
 from .timm_teachers import Dinov2Teacher, TimmTeacher
 
@@ -19,7 +19,7 @@ def tiny_clip_model(embed_dim: int = 64, width: int = 64, depth: int = 2, image_
     return open_clip.CLIP(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text)
 
 
-@TEACHERS.register("tiny-clip")
+@register_teacher("tiny-clip", text_encoder=True)
 def tiny_clip_teacher(cfg) -> ClipTeacher:
     from ..utils import require
 
@@ -32,7 +32,7 @@ def tiny_clip_teacher(cfg) -> ClipTeacher:
     return ClipTeacher(model, open_clip.get_tokenizer("ViT-B-32"), info)
 
 
-@TEACHERS.register("tiny-vit")
+@register_teacher("tiny-vit", cls_tokens=True)
 def tiny_vit_teacher(cfg) -> Dinov2Teacher:
     """A DINOv2-shaped ViT (CLS tokens of the last blocks) with random weights."""
     import timm
@@ -47,7 +47,7 @@ def tiny_vit_teacher(cfg) -> Dinov2Teacher:
     return Dinov2Teacher(model.eval(), info, n, cfg.avgpool)
 
 
-@TEACHERS.register("tiny-cnn")
+@register_teacher("tiny-cnn", native_head=True, pooling=True)
 def tiny_cnn_teacher(cfg) -> TimmTeacher:
     """A small timm ResNet with random weights."""
     import timm

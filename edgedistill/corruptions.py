@@ -1,4 +1,4 @@
-"""Robustness probes: common corruptions with mPC / rPC, and the spurious-cue probe of P4 §7.
+"""Common corruptions (ImageNet-C) and the mPC / rPC robustness metrics.
 
 Common corruptions follow Hendrycks & Dietterich (ICLR 2019, "ImageNet-C"): 15 corruptions x 5 severities with the
 reference per-severity parameters of ``make_imagenet_c.py``, as packaged in the ``imagecorruptions`` library.
@@ -15,9 +15,6 @@ Known departures from the reference, each for speed or for the missing dependenc
   the reference's sequential per-pixel swaps (a Python loop over every pixel).
 - ``motion_blur`` is the shift-and-sum kernel of ``imagecorruptions`` rather than ImageMagick's; ``elastic_transform``
   is the resolution-adaptive version of ``imagecorruptions``; ``zoom_blur`` zooms about the exact centre.
-
-The spurious-cue probe (P4 §7) paints a class-specific colour onto each image (a patch, or the background) so a
-model can shortcut through it, then tests on images whose cue colour belongs to a different class.
 """
 import io
 import math
@@ -27,6 +24,8 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .image_ops import (bilinear_sample, directional_blur, disk, fft_filter, gaussian_blur, gray, next_pow2,
+                        plasma_fractal, to_float, to_pil, zoom_center)
 from .registry import Registry
 
 CORRUPTIONS = Registry("corruption")
@@ -182,178 +181,37 @@ def _order(name: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Array helpers (float32 HWC images in [0, 1])
-
-
-def _to_float(img: Image.Image) -> np.ndarray:
-    return np.asarray(img, dtype=np.float32) / 255.0
-
-
-def _to_pil(x: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8))
-
-
-def _convolve_axis(x: np.ndarray, k: np.ndarray, axis: int, mode: str) -> np.ndarray:
-    """1-D correlation along one axis as a sum of shifted slices (fast for short kernels)."""
-    r = len(k) // 2
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (r, r)
-    xp = np.pad(x, pad, mode=mode)
-    n = x.shape[axis]
-    out = np.zeros_like(x)
-    for i, w in enumerate(k):
-        out += w * np.take(xp, np.arange(i, i + n), axis=axis)
-    return out
-
-
-def _gaussian_kernel(sigma: float, radius: int) -> np.ndarray:
-    t = np.arange(-radius, radius + 1, dtype=np.float32)
-    k = np.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()
-
-
-def _gaussian_blur(x: np.ndarray, sigma: float, mode: str = "edge", truncate: float = 4.0) -> np.ndarray:
-    """Gaussian blur over the two spatial axes; ``mode="edge"`` matches skimage's default ``nearest``."""
-    k = _gaussian_kernel(sigma, max(1, int(truncate * sigma + 0.5)))
-    return _convolve_axis(_convolve_axis(x, k, 0, mode), k, 1, mode)
-
-
-def _fft_filter(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """2-D correlation of every channel with ``kernel``, reflect-101 borders (OpenCV's default), via the FFT."""
-    H, W = x.shape[:2]
-    kh, kw = kernel.shape
-    rh, rw = kh // 2, kw // 2
-    mode = "reflect" if min(H, W) > max(rh, rw) else "symmetric"
-    xp = np.pad(x, ((rh, rh), (rw, rw), (0, 0)), mode=mode)
-    shape = xp.shape[:2]
-    fx = np.fft.rfft2(xp, axes=(0, 1))
-    fk = np.fft.rfft2(kernel[::-1, ::-1], s=shape)
-    full = np.fft.irfft2(fx * fk[..., None], s=shape, axes=(0, 1))
-    return full[kh - 1:kh - 1 + H, kw - 1:kw - 1 + W].astype(np.float32)
-
-
-def _disk(radius: float, alias_blur: float) -> np.ndarray:
-    L = np.arange(-8, 9) if radius <= 8 else np.arange(-radius, radius + 1)
-    X, Y = np.meshgrid(L, L)
-    d = ((X ** 2 + Y ** 2) <= radius ** 2).astype(np.float32)
-    d /= d.sum()
-    # Antialias the hard disk, like cv2.GaussianBlur(ksize=3 or 5) in the reference.
-    k = _gaussian_kernel(alias_blur, 1 if radius <= 8 else 2)
-    return _convolve_axis(_convolve_axis(d, k, 0, "reflect"), k, 1, "reflect")
-
-
-def _shift(xp: np.ndarray, m: int, dx: int, dy: int, H: int, W: int) -> np.ndarray:
-    """``x`` shifted by (dx, dy) with edge replication, read from ``xp`` = ``x`` edge-padded by ``m``."""
-    return xp[m - dy:m - dy + H, m - dx:m - dx + W]
-
-
-def _motion_blur(x: np.ndarray, radius: int, sigma: float, angle: float) -> np.ndarray:
-    """Shift-and-sum along ``angle`` with a half-Gaussian kernel of width 2r+1 (``imagecorruptions``)."""
-    H, W = x.shape[:2]
-    width = 2 * radius + 1
-    k = np.exp(-np.arange(width) ** 2 / (2 * sigma ** 2))
-    k /= k.sum()
-    sin, cos = math.sin(math.radians(angle)), math.cos(math.radians(angle))
-    m = width + 1
-    xp = np.pad(x, ((m, m), (m, m)) + ((0, 0),) * (x.ndim - 2), mode="edge")
-    out = np.zeros_like(x)
-    for i in range(width):
-        dy, dx = -math.ceil(i * sin - 0.5), -math.ceil(i * cos - 0.5)
-        if abs(dy) >= H or abs(dx) >= W:  # the motion left the image
-            break
-        out += k[i] * _shift(xp, m, dx, dy, H, W)
-    return out
-
-
-def _zoom_center(img: Image.Image, zoom: float) -> Image.Image:
-    """Crop the central 1/zoom of the image and resize it back (bilinear): ``clipped_zoom`` of the reference."""
-    W, H = img.size
-    w, h = W / zoom, H / zoom
-    box = ((W - w) / 2, (H - h) / 2, (W + w) / 2, (H + h) / 2)
-    return img.resize((W, H), Image.BILINEAR, box=box)
-
-
-def _plasma_fractal(rng: np.random.Generator, mapsize: int = 256, wibbledecay: float = 3) -> np.ndarray:
-    """Diamond-square height map in [0, 1], ``mapsize`` a power of two (the reference's fog texture)."""
-    a = np.empty((mapsize, mapsize), dtype=np.float64)
-    a[0, 0] = 0
-    step, wibble = mapsize, 100.0
-    while step >= 2:
-        half = step // 2
-        # Squares: the centre of each square is the mean of its corners plus noise.
-        corners = a[0:mapsize:step, 0:mapsize:step]
-        acc = corners + np.roll(corners, -1, axis=0)
-        acc = acc + np.roll(acc, -1, axis=1)
-        a[half:mapsize:step, half:mapsize:step] = acc / 4 + wibble * rng.uniform(-wibble, wibble, acc.shape)
-        # Diamonds: each edge midpoint is the mean of its four neighbours plus noise.
-        dr = a[half:mapsize:step, half:mapsize:step]
-        ul = a[0:mapsize:step, 0:mapsize:step]
-        s = dr + np.roll(dr, 1, axis=0) + ul + np.roll(ul, -1, axis=1)
-        a[0:mapsize:step, half:mapsize:step] = s / 4 + wibble * rng.uniform(-wibble, wibble, s.shape)
-        s = dr + np.roll(dr, 1, axis=1) + ul + np.roll(ul, -1, axis=0)
-        a[half:mapsize:step, 0:mapsize:step] = s / 4 + wibble * rng.uniform(-wibble, wibble, s.shape)
-        step //= 2
-        wibble /= wibbledecay
-    a -= a.min()
-    return (a / a.max()).astype(np.float32)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def _bilinear_sample(x: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    """Sample HWC ``x`` at float coordinates with half-sample-symmetric borders (scipy's ``reflect``)."""
-    H, W = x.shape[:2]
-
-    def reflect(i, n):
-        i = np.mod(i, 2 * n)
-        return np.where(i >= n, 2 * n - 1 - i, i)
-
-    y0, x0 = np.floor(yy).astype(np.int64), np.floor(xx).astype(np.int64)
-    fy, fx = (yy - y0)[..., None], (xx - x0)[..., None]
-    ya, yb, xa, xb = reflect(y0, H), reflect(y0 + 1, H), reflect(x0, W), reflect(x0 + 1, W)
-    top = x[ya, xa] * (1 - fx) + x[ya, xb] * fx
-    bottom = x[yb, xa] * (1 - fx) + x[yb, xb] * fx
-    return top * (1 - fy) + bottom * fy
-
-
-def _gray(x: np.ndarray) -> np.ndarray:
-    return x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The 15 corruptions. Each: (RGB PIL image, severity 1..5, numpy Generator) -> RGB PIL image of the same size.
 
 
 @CORRUPTIONS.register("gaussian_noise")
 def gaussian_noise(img, severity, rng):
     c = [0.08, 0.12, 0.18, 0.26, 0.38][severity - 1]
-    x = _to_float(img)
-    return _to_pil(x + rng.normal(scale=c, size=x.shape))
+    x = to_float(img)
+    return to_pil(x + rng.normal(scale=c, size=x.shape))
 
 
 @CORRUPTIONS.register("shot_noise")
 def shot_noise(img, severity, rng):
     c = [60, 25, 12, 5, 3][severity - 1]
-    return _to_pil(rng.poisson(_to_float(img) * c) / c)
+    return to_pil(rng.poisson(to_float(img) * c) / c)
 
 
 @CORRUPTIONS.register("impulse_noise")
 def impulse_noise(img, severity, rng):
     """Salt and pepper on a fraction c of all values, each channel independently (skimage ``s&p``)."""
     c = [0.03, 0.06, 0.09, 0.17, 0.27][severity - 1]
-    x = _to_float(img)
+    x = to_float(img)
     flipped = rng.random(x.shape) < c
     salt = rng.random(x.shape) < 0.5
     x[flipped] = salt[flipped]
-    return _to_pil(x)
+    return to_pil(x)
 
 
 @CORRUPTIONS.register("defocus_blur")
 def defocus_blur(img, severity, rng):
     radius, alias = [(3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)][severity - 1]
-    return _to_pil(_fft_filter(_to_float(img), _disk(radius, alias)))
+    return to_pil(fft_filter(to_float(img), disk(radius, alias)))
 
 
 @CORRUPTIONS.register("glass_blur")
@@ -361,7 +219,7 @@ def glass_blur(img, severity, rng):
     """Blur, locally scramble pixels, blur again. The scramble gathers each interior pixel from a random offset in
     [-delta, delta) instead of the reference's sequential swaps (see the module docstring)."""
     sigma, delta, iterations = [(0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)][severity - 1]
-    x = np.rint(_gaussian_blur(_to_float(img), sigma) * 255).astype(np.uint8)
+    x = np.rint(gaussian_blur(to_float(img), sigma) * 255).astype(np.uint8)
     H, W = x.shape[:2]
     yy, xx = np.mgrid[0:H, 0:W]
     inner = (yy > delta) & (yy <= H - delta) & (xx > delta) & (xx <= W - delta)
@@ -370,24 +228,24 @@ def glass_blur(img, severity, rng):
         sy = np.clip(np.where(inner, yy + d[0], yy), 0, H - 1)
         sx = np.clip(np.where(inner, xx + d[1], xx), 0, W - 1)
         x = x[sy, sx]
-    return _to_pil(_gaussian_blur(x.astype(np.float32) / 255.0, sigma))
+    return to_pil(gaussian_blur(x.astype(np.float32) / 255.0, sigma))
 
 
 @CORRUPTIONS.register("motion_blur")
 def motion_blur(img, severity, rng):
     radius, sigma = [(10, 3), (15, 5), (15, 8), (15, 12), (20, 15)][severity - 1]
-    return _to_pil(_motion_blur(_to_float(img), radius, sigma, rng.uniform(-45, 45)))
+    return to_pil(directional_blur(to_float(img), radius, sigma, rng.uniform(-45, 45)))
 
 
 @CORRUPTIONS.register("zoom_blur")
 def zoom_blur(img, severity, rng):
     zooms = [np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01), np.arange(1, 1.21, 0.02),
              np.arange(1, 1.26, 0.02), np.arange(1, 1.31, 0.03)][severity - 1]
-    x = _to_float(img)
+    x = to_float(img)
     out = x.copy()
     for z in zooms:
-        out += _to_float(_zoom_center(img, float(z)))
-    return _to_pil(out / (len(zooms) + 1))
+        out += to_float(zoom_center(img, float(z)))
+    return to_pil(out / (len(zooms) + 1))
 
 
 @CORRUPTIONS.register("snow")
@@ -395,22 +253,22 @@ def snow(img, severity, rng):
     loc, scale, zoom, threshold, radius, sigma, blend = [
         (0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7), (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
         (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55)][severity - 1]
-    x = _to_float(img)
+    x = to_float(img)
     H, W = x.shape[:2]
     flakes = rng.normal(loc, scale, size=(H, W)).astype(np.float32)
-    flakes = np.asarray(_zoom_center(Image.fromarray(flakes), zoom))
+    flakes = np.asarray(zoom_center(Image.fromarray(flakes), zoom))
     flakes = np.clip(np.where(flakes < threshold, 0, flakes), 0, 1)
-    flakes = _motion_blur(flakes, radius, sigma, rng.uniform(-135, -45))
+    flakes = directional_blur(flakes, radius, sigma, rng.uniform(-135, -45))
     flakes = (np.rint(flakes * 255) / 255)[..., None]
-    x = blend * x + (1 - blend) * np.maximum(x, _gray(x)[..., None] * 1.5 + 0.5)
-    return _to_pil(x + flakes + np.rot90(flakes, k=2))
+    x = blend * x + (1 - blend) * np.maximum(x, gray(x)[..., None] * 1.5 + 0.5)
+    return to_pil(x + flakes + np.rot90(flakes, k=2))
 
 
 def _ice_texture(rng: np.random.Generator, H: int, W: int) -> np.ndarray:
     """A procedural stand-in for the ImageNet-C frost photographs: fine fractal haze plus branching crystal
     needles, tinted pale blue. Float HWC in [0, 1], mean about 0.45."""
     side = max(H, W)
-    haze = _plasma_fractal(rng, _next_pow2(side), wibbledecay=1.7)[:H, :W]
+    haze = plasma_fractal(rng, next_pow2(side), wibbledecay=1.7)[:H, :W]
     canvas = Image.new("L", (W, H), 0)
     draw = ImageDraw.Draw(canvas)
     for _ in range(max(8, side * side // 600)):
@@ -422,7 +280,7 @@ def _ice_texture(rng: np.random.Generator, H: int, W: int) -> np.ndarray:
             x, y = (x + x2) / 2, (y + y2) / 2
             angle += rng.choice([-1, 1]) * rng.uniform(0.5, 1.1)
             length *= 0.6
-    needles = _gaussian_blur(np.asarray(canvas, dtype=np.float32)[..., None] / 255.0, 0.6)[..., 0]
+    needles = gaussian_blur(np.asarray(canvas, dtype=np.float32)[..., None] / 255.0, 0.6)[..., 0]
     ice = np.clip(0.75 * haze ** 1.5 + 0.8 * needles, 0, 1)
     return ice[..., None] * np.array([0.86, 0.93, 1.0], dtype=np.float32)
 
@@ -431,49 +289,49 @@ def _ice_texture(rng: np.random.Generator, H: int, W: int) -> np.ndarray:
 def frost(img, severity, rng):
     """Reference blend weights over a procedurally generated ice texture (no frost photographs are shipped)."""
     a, b = [(1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)][severity - 1]
-    x = _to_float(img)
-    return _to_pil(a * x + b * _ice_texture(rng, *x.shape[:2]))
+    x = to_float(img)
+    return to_pil(a * x + b * _ice_texture(rng, *x.shape[:2]))
 
 
 @CORRUPTIONS.register("fog")
 def fog(img, severity, rng):
     strength, decay = [(1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4)][severity - 1]
-    x = _to_float(img)
+    x = to_float(img)
     H, W = x.shape[:2]
     top = x.max()
-    x = x + strength * _plasma_fractal(rng, _next_pow2(max(H, W)), decay)[:H, :W, None]
-    return _to_pil(x * top / (top + strength))
+    x = x + strength * plasma_fractal(rng, next_pow2(max(H, W)), decay)[:H, :W, None]
+    return to_pil(x * top / (top + strength))
 
 
 @CORRUPTIONS.register("brightness")
 def brightness(img, severity, rng):
     """Raise HSV value by c. With hue and saturation fixed, RGB scales with V, so no colour-space round trip."""
     c = [0.1, 0.2, 0.3, 0.4, 0.5][severity - 1]
-    x = _to_float(img)
+    x = to_float(img)
     v = x.max(axis=2, keepdims=True)
     v_new = np.clip(v + c, 0, 1)
-    return _to_pil(np.where(v > 0, x * v_new / np.maximum(v, 1e-12), v_new))
+    return to_pil(np.where(v > 0, x * v_new / np.maximum(v, 1e-12), v_new))
 
 
 @CORRUPTIONS.register("contrast")
 def contrast(img, severity, rng):
     c = [0.4, 0.3, 0.2, 0.1, 0.05][severity - 1]
-    x = _to_float(img)
+    x = to_float(img)
     means = x.mean(axis=(0, 1), keepdims=True)
-    return _to_pil((x - means) * c + means)
+    return to_pil((x - means) * c + means)
 
 
 @CORRUPTIONS.register("elastic_transform")
 def elastic_transform(img, severity, rng):
     """Smoothed random displacement field; sigma and maximum shift scale with the image (``imagecorruptions``)."""
     alpha = 250 * [0.05, 0.065, 0.085, 0.1, 0.12][severity - 1]
-    x = _to_float(img)
+    x = to_float(img)
     H, W = x.shape[:2]
     sigma, max_d = 0.01 * min(H, W), 0.005 * H
-    dx, dy = (alpha * _gaussian_blur(rng.uniform(-max_d, max_d, size=(H, W, 1)).astype(np.float32), sigma,
+    dx, dy = (alpha * gaussian_blur(rng.uniform(-max_d, max_d, size=(H, W, 1)).astype(np.float32), sigma,
                                      mode="symmetric", truncate=3)[..., 0] for _ in range(2))
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    return _to_pil(_bilinear_sample(x, yy + dy, xx + dx))
+    return to_pil(bilinear_sample(x, yy + dy, xx + dx))
 
 
 @CORRUPTIONS.register("pixelate")
@@ -491,116 +349,3 @@ def jpeg_compression(img, severity, rng):
     img.save(buf, "JPEG", quality=quality)
     buf.seek(0)
     return Image.open(buf).convert("RGB")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Spurious-cue probe (P4 §7)
-
-# Twelve well-separated colours first; later classes take golden-ratio hues at three saturation/value levels.
-_BASE_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180), (70, 240, 240),
-                 (245, 130, 48), (240, 50, 230), (128, 128, 0), (0, 0, 128), (170, 110, 40), (128, 0, 0)]
-
-
-def cue_palette(num_classes: int) -> np.ndarray:
-    """A fixed colour per class, (num_classes, 3) uint8. Class i's colour never depends on num_classes."""
-    import colorsys
-
-    colours = list(_BASE_PALETTE[:num_classes])
-    levels = [(0.9, 0.95), (0.55, 0.9), (0.9, 0.6)]
-    for i in range(len(colours), num_classes):
-        s, v = levels[i % 3]
-        r, g, b = colorsys.hsv_to_rgb((i * 0.6180339887) % 1.0, s, v)
-        colours.append((round(255 * r), round(255 * g), round(255 * b)))
-    return np.array(colours, dtype=np.uint8).reshape(-1, 3)
-
-
-def add_cue(img: Image.Image, label: int, num_classes: int, kind: str = "patch", shuffle_rng=None, mask=None,
-            size: float = 0.2, border: float = 0.12) -> Image.Image:
-    """Paint the colour of class ``label`` onto a copy of ``img`` as a shortcut a model can learn.
-
-    Args:
-        img: the image; converted to RGB.
-        label: the class whose colour to paint (the true class when training, a different class when testing).
-        num_classes: number of classes.
-        kind: ``"patch"``, a solid square in the top-left corner, side ``size`` of the short side (P4's coloured
-            shapes); or ``"background"``, every pixel outside ``mask`` (P4's solid-colour backgrounds) or, with no
-            mask, a frame ``border`` of the short side wide around the image.
-        shuffle_rng: if given, paint the colour of a random class other than ``label`` instead (single-image
-            shuffle; for a whole test set prefer ``shuffled_labels_for_cue``, which keeps the cue frequencies).
-        mask: optional HxW boolean foreground mask for ``kind="background"``.
-        size: patch side as a fraction of the short side.
-        border: frame width as a fraction of the short side.
-    """
-    if not 0 <= label < num_classes:
-        raise ValueError(f"Cue label {label} is outside [0, {num_classes})")
-    if shuffle_rng is not None:
-        if num_classes < 2:
-            raise ValueError("Shuffling a cue needs at least two classes")
-        label = int((label + shuffle_rng.integers(1, num_classes)) % num_classes)
-    colour = cue_palette(num_classes)[label]
-    x = np.array(img.convert("RGB"))
-    H, W = x.shape[:2]
-    short = min(H, W)
-    if kind == "patch":
-        side = max(2, round(size * short))
-        margin = max(1, side // 4)
-        x[margin:margin + side, margin:margin + side] = colour
-    elif kind == "background":
-        if mask is not None:
-            x[~np.asarray(mask, dtype=bool)] = colour
-        else:
-            b = max(1, round(border * short))
-            x[:b], x[-b:], x[:, :b], x[:, -b:] = colour, colour, colour, colour
-    else:
-        raise ValueError(f"Cue kind must be 'patch' or 'background', got {kind!r}")
-    return Image.fromarray(x)
-
-
-def shuffled_labels_for_cue(labels, rng: np.random.Generator) -> np.ndarray:
-    """Cue classes for the shuffled test set: a permutation of ``labels`` in which no image keeps its own class.
-
-    The cue frequencies stay those of the clean-cue set, so the accuracy drop measures reliance on the cue and not
-    a change in how often each colour appears. If one class holds more than half the images no such permutation
-    exists; the images that cannot be swapped then get a random other class.
-    """
-    labels = np.asarray(labels)
-    classes = np.unique(labels)
-    if len(classes) < 2:
-        raise ValueError("Shuffling cues needs at least two classes among the labels")
-    cue = labels[rng.permutation(len(labels))]
-    for i in np.flatnonzero(cue == labels):
-        # Swap with any j whose cue is not labels[i] and whose label is not cue[i]: both end up mismatched.
-        ok = np.flatnonzero((cue != labels[i]) & (labels != cue[i]))
-        if len(ok):
-            j = rng.choice(ok)
-            cue[i], cue[j] = cue[j], cue[i]
-        else:
-            cue[i] = rng.choice(classes[classes != labels[i]])
-    return cue
-
-
-def spurious_summary(cue_acc: dict, shuffled_acc: dict, clean_acc: dict | None = None) -> dict:
-    """``{model: {"cue", "shuffled", "drop"[, "clean"]}}`` with drop = clean-cue accuracy - shuffled-cue accuracy."""
-    out = {}
-    for model, acc in cue_acc.items():
-        out[model] = {"cue": acc, "shuffled": shuffled_acc[model], "drop": acc - shuffled_acc[model]}
-        if clean_acc is not None and model in clean_acc:
-            out[model]["clean"] = clean_acc[model]
-    return out
-
-
-def spurious_report(cue_acc: dict, shuffled_acc: dict, clean_acc: dict | None = None, scale: float = 100.0,
-                    digits: int = 1) -> str:
-    """Markdown table of the spurious-cue probe, one row per model; ``scale`` as in ``corruption_report``."""
-    summary = spurious_summary(cue_acc, shuffled_acc, clean_acc)
-
-    def fmt(v):
-        return f"{scale * v:.{digits}f}"
-
-    has_clean = clean_acc is not None
-    head = "| model | " + ("no cue | " if has_clean else "") + "class cue | shuffled cue | drop |"
-    lines = [head, "|---|" + "---:|" * (4 if has_clean else 3)]
-    for model, s in summary.items():
-        clean = (fmt(s["clean"]) if "clean" in s else "–") + " | " if has_clean else ""
-        lines.append(f"| {model} | {clean}{fmt(s['cue'])} | {fmt(s['shuffled'])} | **{fmt(s['drop'])}** |")
-    return "\n".join(lines) + "\n"

@@ -1,0 +1,84 @@
+"""Recipe checks that need the registries: every registered name a recipe uses exists, before any work starts.
+
+``recipe.py`` is the leaf everything imports; this module sits above the teachers, students, data, export and
+corruption registries, and imports them inside its functions so that importing it stays cheap.
+"""
+from .recipe import Recipe, RecipeError, load_recipe
+
+
+def load_checked(name_or_path, overrides=()) -> Recipe:
+    """``load_recipe`` (types, ranges, choices), then the registered names and the combinations: what a run starts
+    from."""
+    recipe = load_recipe(name_or_path, overrides)
+    check_registered_names(recipe)
+    check_combinations(recipe)
+    return recipe
+
+
+def check_registered_names(recipe: Recipe):
+    """Every registered name the recipe uses exists, so a typo never costs a download or a GPU hour."""
+    from .corruptions import CORRUPTIONS
+    from .data import AUGMENTS, DATASETS
+    from .packaged_weights import PACKAGED_WEIGHTS
+    from .students import check_timm_name
+    from .teachers import TEACHERS
+
+    # 1. Names looked up in a registry.
+    pairs = [("teacher.name", recipe.teacher.name, TEACHERS), ("data.dataset", recipe.data.dataset, DATASETS),
+             ("data.augment", recipe.data.augment, AUGMENTS)]
+    if recipe.student.packaged_weights:
+        pairs.append(("student.packaged_weights", recipe.student.packaged_weights, PACKAGED_WEIGHTS))
+    if recipe.eval.corruptions not in (("default",), ("all",)):
+        pairs += [("eval.corruptions", name, CORRUPTIONS) for name in recipe.eval.corruptions]
+    if recipe.synthetic is not None:
+        from .data.generators import GENERATORS
+
+        pairs.append(("synthetic.generator", recipe.synthetic.generator, GENERATORS))
+    for dotted, name, registry in pairs:
+        if name not in registry:
+            raise RecipeError(f"Recipe key {dotted!r}: {registry.unknown_message(name)}")
+
+    # 2. Checks that need the registered thing itself: the generator's kind, timm's model list, the export table.
+    if recipe.synthetic is not None:
+        from .data.generation import check_synth
+
+        check_synth(recipe)
+    check_timm_name("student.name", recipe.student.name)
+    if recipe.export is not None:
+        from .export import check_export_request
+
+        naming("Recipe keys 'export.formats' and 'export.precision'", check_export_request, recipe.export.formats,
+               recipe.export.precision)
+    if recipe.bench is not None:
+        from .bench import check_bench_backends
+
+        naming("Recipe key 'bench.backends'", check_bench_backends, recipe.bench.backends)
+
+
+def naming(keys: str, check, *args):
+    """Run a module's own check, putting the recipe key(s) it is about in front of its message."""
+    try:
+        check(*args)
+    except RecipeError as e:
+        raise RecipeError(f"{keys}: {e}") from e
+
+
+def check_combinations(recipe: Recipe):
+    """Settings that only make sense together, and what the named teacher can do (its declared capabilities)."""
+    from .teachers import capability_problem
+
+    problem = capability_problem(recipe.teacher)
+    if problem:
+        raise RecipeError(problem)
+    for mix in ("mixup", "cutmix"):
+        if getattr(recipe.data, mix) and recipe.train.teacher != "online":
+            raise RecipeError(f"Recipe key 'data.{mix}' needs 'train.teacher: online' (the teacher must see the mixed "
+                              f"image); set train.teacher=online or data.{mix}=0")
+    if recipe.train.eval_every and recipe.data.val_fraction <= 0:
+        raise RecipeError("Recipe key 'train.eval_every' evaluates on the validation split, which is empty: set "
+                          "data.val_fraction (e.g. 0.1) or train.eval_every=0")
+    if not recipe.data.real_train and recipe.synthetic is None:
+        raise RecipeError("Recipe key 'data.real_train' is false but the recipe has no 'synthetic' section: "
+                          "there would be nothing to train on")
+    if recipe.eval.zero_shot and recipe.teacher.head != "zeroshot":
+        raise RecipeError("Recipe key 'eval.zero_shot' needs 'teacher.head: zeroshot' (class text embeddings)")

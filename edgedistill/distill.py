@@ -1,0 +1,158 @@
+"""The training stages: the distilled student, and the same student trained without a teacher (the baseline)."""
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed
+from .data.cache import RealViews
+from .recipe import Recipe, to_plain
+from .run_folder import Run
+from .students import build_student, save_student, student_input_spec
+from .teachers import ZeroShotHead
+from .train import DistillSet, GlobalBatchSampler, TeacherFeatures, predict, train
+from .utils import fingerprint
+
+
+def student_spec(run: Run, feats: dict, backbone=None):
+    """The student's preprocessing, cropped exactly as the teacher's views were (``view_crop``)."""
+    spec = student_input_spec(run.recipe, backbone)
+    spec.crop_pct = feats["crop_pct"]
+    return spec
+
+
+def validation_hook(run: Run, split: dict, spec):
+    """``train``'s per-epoch evaluation: top-1 on the validation split (never the test split), or None."""
+    if not run.recipe.train.eval_every or not split["val"]:
+        return None
+    labels = torch.tensor([y for _, y in split["val"]])
+
+    def evaluate(model, epoch):
+        out = predict(model, split["val"], spec.to_dict(), spec.crop_pct, run.recipe.train.batch_size, run.device,
+                      desc=f"validate {epoch}")
+        model.train()
+        return {"val_top1": 100.0 * (out["logits"].argmax(1) == labels).float().mean().item()}
+    return evaluate
+
+
+def synth_split(run: Run, synth: dict | None) -> tuple[list, list]:
+    """(training positions, held-out positions) within the kept synthetic images, for the synthetic-to-real gap."""
+    if synth is None:
+        return [], []
+    n, frac = len(synth["items"]), run.recipe.eval.synthetic_holdout
+    step = int(round(1 / frac)) if frac > 0 else 0
+    held = list(range(0, n, step)) if step and n >= 2 * step else []
+    return [i for i in range(n) if i not in set(held)], held
+
+
+def distill(run: Run, split: dict, feats: dict, head, items: list, teacher_features: TeacherFeatures, n_real: int,
+            folder: Path, key: str):
+    """Train the recipe's student on ``items`` (real first, then synthetic) against the teacher; returns its log."""
+    r = run.recipe
+    text = head.text if r.eval.zero_shot and isinstance(head, ZeroShotHead) else None
+    model = build_student(r, len(split["classes"]), feats["dim"], text, backbone=run.student_backbone())
+    spec = student_spec(run, feats, model.backbone)
+    online = r.train.teacher == "online"
+    dataset = DistillSet(items, spec.to_dict(), feats["input"], r.data.augment, r.data.views, spec.crop_pct,
+                         r.train.seed, online=online, n_real=n_real)
+    sampler = GlobalBatchSampler(n_real, len(items) - n_real, r.train.batch_size, r.train.seed, r.train.real_fraction)
+    rows = train(model, dataset, sampler, r.train, r.loss, folder, key, teacher=TeacherForTraining(run, head),
+                 teacher_features=teacher_features, workers=r.data.num_workers, desc="distill", device=run.device, mixup=r.data.mixup,
+                 cutmix=r.data.cutmix, num_classes=len(split["classes"]), evaluate=validation_hook(run, split, spec))
+    return model, spec, rows
+
+
+def training_items(run: Run, split: dict, views: RealViews | None, synth) -> tuple[list, TeacherFeatures, int]:
+    """What the student trains on: (items, their teacher features, how many are real); real images first."""
+    items, teacher_features = [], TeacherFeatures()
+    if run.recipe.data.real_train:
+        items += [tuple(it) for it in split["train"]]
+        teacher_features.add(views, np.arange(len(split["train"])))
+    n_real = len(items)
+    if synth is not None:
+        keep, _ = synth_split(run, synth)
+        items += [synth["items"][i] for i in keep]
+        teacher_features.add(synth["cache"], [synth["rows"][i] for i in keep])
+    return items, teacher_features, n_real
+
+
+def stage_distill(run: Run, split: dict, feats: dict, views, head, synth) -> dict:
+    r = run.recipe
+    key = fingerprint([run.keys["probe"], run.keys.get("views"), run.keys.get("synth"), to_plain(r.student),
+                       to_plain(r.loss), to_plain(r.train), r.data.augment, r.data.views, r.data.mixup,
+                       r.data.cutmix, r.data.image_size, r.data.crop_pct, r.data.real_train, r.eval.zero_shot,
+                       r.eval.synthetic_holdout])
+    folder = run.dir / "student"
+
+    def compute():
+        items, teacher_features, n_real = training_items(run, split, views, synth)
+        model, spec, rows = distill(run, split, feats, head, items, teacher_features, n_real, folder, key)
+        if distributed.is_main():
+            extra = {"teacher": feats["info"], "generator": synth_generator_info(r)}
+            save_student(folder / "model.pt", model.cpu(), r, split["classes"], spec, extra)
+        return {"epochs": len(rows), "last": rows[-1] if rows else {}}
+
+    summary = run.stage("distill", key, compute)
+    return {"key": run.keys["distill"], "folder": folder, "summary": summary}
+
+
+def synth_generator_info(recipe: Recipe):
+    if recipe.synthetic is None:
+        return None
+    try:
+        from .data.generators import generator_info
+
+        return generator_info(recipe.synthetic)
+    except (ImportError, AttributeError):
+        return {"generator": recipe.synthetic.generator, "model_id": recipe.synthetic.model_id}
+
+
+class TeacherForTraining:
+    """What the training loop needs of the teacher: features (online) and the frozen head."""
+
+    def __init__(self, run: Run, head):
+        self.run, self.head = run, head.to(run.device)
+
+    def encode(self, x):
+        return self.run.teacher().encode(x)
+
+    def logits(self, features):
+        return self.head(features)
+
+    def to(self, device):
+        self.head.to(device)
+        return self
+
+
+def stage_baseline(run: Run, split: dict, feats: dict, synth) -> dict:
+    """The same student trained on the real labelled images with cross-entropy only: what the teacher is worth.
+
+    Equal budget: as many optimiser steps of as many images as the distilled student gets, also when synthetic
+    images enlarge the distillation epoch (the real images are then repeated); the same views and augmentation.
+    """
+    r = run.recipe
+    n_synth = len(synth_split(run, synth)[0]) if synth is not None else 0
+    n_real = len(split["train"]) if r.data.real_train else 0
+    budget = GlobalBatchSampler(n_real, n_synth, r.train.batch_size, r.train.seed, r.train.real_fraction).epoch_size()
+    key = fingerprint([run.keys["features"], to_plain(r.student), to_plain(r.train), r.data.augment, r.data.views,
+                       r.data.image_size, r.data.crop_pct, r.loss.label_smoothing, budget])
+    folder = run.dir / "baseline"
+
+    def compute():
+        model = build_student(r, len(split["classes"]), 0, baseline=True, backbone=run.student_backbone())
+        spec = student_spec(run, feats, model.backbone)
+        items = [tuple(it) for it in split["train"]]
+        dataset = DistillSet(items, spec.to_dict(), None, r.data.augment, r.data.views, spec.crop_pct,
+                             r.train.seed, online=r.train.teacher == "online")
+        sampler = GlobalBatchSampler(len(items), 0, r.train.batch_size, r.train.seed, epoch_size=budget)
+        ce_only = dataclasses.replace(r.loss, ce=1.0, kd=0.0, hard_kd=0.0, feature_l2=0.0, align_uniform=0.0)
+        rows = train(model, dataset, sampler, r.train, ce_only, folder, key, workers=r.data.num_workers,
+                     desc="baseline", device=run.device, evaluate=validation_hook(run, split, spec))
+        if distributed.is_main():
+            save_student(folder / "model.pt", model.cpu(), r, split["classes"], spec, {"baseline": True})
+        return {"epochs": len(rows), "last": rows[-1] if rows else {}}
+
+    summary = run.stage("baseline", key, compute)
+    return {"key": run.keys["baseline"], "folder": folder, "summary": summary}
+

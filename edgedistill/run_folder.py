@@ -1,0 +1,144 @@
+"""A run folder and its stage cache: each stage is keyed by a fingerprint of everything it depends on.
+
+Run folder layout::
+
+    RUN/recipe.yaml          the resolved recipe
+    RUN/split.json           {"classes", "train", "val", "test", "skipped"}; items are [path, label]
+    RUN/stages/<stage>.json  the fingerprint a finished stage was computed with, plus its summary
+    RUN/cache/<name>-<key>/  teacher-feature caches (memory-mapped)
+    RUN/probe/head.pt        the teacher's head as a state dict (probed, zero-shot text head, or its own classifier)
+    RUN/probe/head.json      how to rebuild that head (kind and sizes): nothing in a run folder is unpickled
+    RUN/synth/               synthetic images and manifest.jsonl (when the recipe has a synthetic section)
+    RUN/student/model.pt     the distilled student (plus checkpoint.pt and log.jsonl)
+    RUN/baseline/model.pt    the same student trained CE-only with the same budget
+    RUN/metrics.json, RUN/report.md, RUN/confusion-*.png
+    RUN/export/<format>-<precision>/, RUN/bench.json   when the recipe asks for export and bench
+    RUN/seed-<k>/            with --seeds N: each seed's training stages, metrics and report
+
+A finished stage whose fingerprint matches is reused; a changed setting reruns that stage and what follows it.
+"""
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+from . import distributed
+from .recipe import Recipe, dump_recipe
+from .teachers import Teacher, build_teacher, load_head
+from .utils import atomic_write_text, fingerprint, read_json, write_json
+
+log = logging.getLogger(__name__)
+# Part of every stage's key: bump a stage's number when a fix changes what it computes from the same inputs, so a
+# run folder made by older code is recomputed rather than silently reused.
+STAGE_VERSIONS = {"split": 2, "features": 2, "views": 1, "probe": 3, "synth": 2, "distill": 4, "baseline": 4,
+                  "evaluate": 3, "export": 2, "bench": 2}
+SHARED_STAGES = ("split", "features", "probe", "synth")  # independent of the student and of the seed
+
+
+class Run:
+    """A run folder plus the recipe; stages record their fingerprints under ``stages/``.
+
+    ``shared`` (used by sweeps) holds the stages that do not depend on the student: split, teacher features,
+    teacher head and synthetic data, so several runs reuse them.
+    """
+
+    def __init__(self, folder, recipe: Recipe, shared=None):
+        self.dir, self.recipe = Path(folder), recipe
+        self.shared = Path(shared) if shared else self.dir
+        self.device = distributed.pick_device(recipe.train.device)
+        self._teacher: Teacher | None = None
+        self.pretrained_backbone = None  # the student's hub-weights backbone, when fetched up front
+        self.keys: dict = {}
+        self.timings: dict = {}
+        self.reused: list = []
+
+    # -- stage bookkeeping
+    def stage_file(self, name: str) -> Path:
+        base = self.shared if name in SHARED_STAGES else self.dir
+        return base / "stages" / f"{name}.json"
+
+    def finished(self, name: str, key: str) -> dict | None:
+        path = self.stage_file(name)
+        if path.exists():
+            info = read_json(path)
+            if info.get("key") == key:
+                return info
+        return None
+
+    def stage(self, name: str, key: str, fn) -> dict:
+        """Run ``fn`` unless the stage already finished with this key; only rank 0 computes shared stages.
+
+        The key is extended with the stage's code version. A reused stage reports the seconds it took when it ran.
+        """
+        key = fingerprint([name, STAGE_VERSIONS[name], key])
+        self.keys[name] = key
+        info = self.finished(name, key)
+        if info is not None:
+            log.info("stage %-9s reused (key %s)", name, key)
+            self.timings[name] = info.get("seconds", 0.0)
+            self.reused.append(name)
+            return info["summary"]
+        t0 = time.perf_counter()
+        log.info("stage %-9s running (key %s)", name, key)
+        summary = fn() or {}
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        if distributed.is_main():
+            write_json(self.stage_file(name), {"key": key, "summary": summary, "seconds": self.timings[name]})
+        return summary
+
+    def student_backbone(self):
+        """A fresh copy of the up-front backbone (a stage trains it), or None: build one from the recipe."""
+        import copy
+
+        return copy.deepcopy(self.pretrained_backbone) if self.pretrained_backbone is not None else None
+
+    def teacher(self) -> Teacher:
+        if self._teacher is None:
+            self._teacher = build_teacher(self.recipe.teacher).to(self.device)
+        return self._teacher
+
+def stage_timings(runs: list, elapsed: float) -> dict:
+    """Seconds each stage took when it was computed (kept when a re-run reuses it), their sum, and this call's."""
+    seconds, reused = {}, []
+    for r in runs:
+        prefix = f"{r.dir.name}/" if len(runs) > 1 and r.dir.name.startswith("seed-") else ""
+        for name, sec in r.timings.items():
+            seconds.setdefault(name if name in SHARED_STAGES else prefix + name, sec)
+        reused += [n if n in SHARED_STAGES else prefix + n for n in r.reused]
+    return {"stages_seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),
+            "reused": sorted(set(reused)), "this_run_seconds": round(elapsed, 1)}
+
+
+def with_seed(run: Run, k: int) -> Run:
+    train = dataclasses.replace(run.recipe.train, seed=run.recipe.train.seed + k)
+    recipe = dataclasses.replace(run.recipe, train=train)
+    seeded = Run(run.dir / f"seed-{k}", recipe, run.shared)
+    seeded._teacher, seeded.keys, seeded.timings = run._teacher, dict(run.keys), dict(run.timings)
+    seeded.reused, seeded.device, seeded.pretrained_backbone = list(run.reused), run.device, run.pretrained_backbone
+    if distributed.is_main():  # export, demo and bench read a seed's folder like any run folder
+        seeded.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(seeded.dir / "recipe.yaml", dump_recipe(recipe))
+        if (run.shared / "split.json").exists():
+            write_json(seeded.dir / "split.json", read_json(run.shared / "split.json"))
+    return seeded
+
+
+def load_run_recipe(run_dir) -> Recipe:
+    import yaml
+
+    from .recipe import build
+
+    return build(Recipe, yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()), "")
+
+
+def load_run_teacher(run_dir, device: str = "cpu") -> Teacher:
+    """The teacher of a finished run with its head attached (raises WeightsUnavailable when weights are absent)."""
+    run_dir = Path(run_dir)
+    recipe = load_run_recipe(run_dir)
+    teacher = build_teacher(recipe.teacher).to(device)
+    # A seed's folder (RUN/seed-k) or a sweep point (SWEEP/points/p) finds the head in the shared folder above.
+    head = next((d / "probe" / "head.pt" for d in (run_dir, run_dir.parent, run_dir.parent.parent)
+                 if (d / "probe" / "head.pt").exists()), run_dir / "probe" / "head.pt")
+    teacher.head = load_head(head, device)
+    teacher.class_names = read_json(run_dir / "split.json")["classes"]
+    return teacher
