@@ -130,7 +130,7 @@ def timed_bundle(folder: Path, threads: int, backends) -> Timed | None:
 
 def measure_interleaved(calls: dict, warmup: int, iters: int, rounds: int = 5) -> dict:
     """Milliseconds per call for each entry of ``calls``, as a list of rounds; the entries take turns each round."""
-    from .runtime.run import time_calls
+    from .runtime.timing import time_calls
 
     rounds = max(1, min(rounds, iters))
     samples = {key: [] for key in calls}
@@ -190,7 +190,7 @@ def host_info() -> dict:
 
 def rows_for(samples: dict, threads: int, warmup: int) -> list:
     from .export.bundle import library_versions
-    from .runtime.run import latency_stats
+    from .runtime.timing import latency_stats
 
     host, versions = host_info(), library_versions()
     rows = []

@@ -11,6 +11,7 @@ Python API where ``tensorrt`` imports, else ``trtexec``. No torch needed.
 """
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -78,9 +79,9 @@ def build_with_api(onnx_path, engine_path, precision, calib, dynamic, max_batch,
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise rt.BundleError(f"TensorRT failed to build an engine from {onnx_path} (see the messages above)")
-    Path(engine_path).write_bytes(memoryview(serialized))
+    rt.write_atomic(engine_path, memoryview(serialized))
     if timing_cache:
-        Path(timing_cache).write_bytes(memoryview(config.get_timing_cache().serialize()))
+        rt.write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
     return {"builder": "tensorrt python api", "tensorrt": trt.__version__, "timing_cache_reused": cache}
 
 
@@ -134,7 +135,7 @@ def make_calibrator(trt, calib: np.ndarray, cache_path: Path, batch: int = 8):
             return cache_path.read_bytes() if cache_path.is_file() else None
 
         def write_calibration_cache(self, cache):
-            cache_path.write_bytes(bytes(cache))
+            rt.write_atomic(cache_path, bytes(cache))
 
     return EntropyCalibrator()
 
@@ -149,7 +150,9 @@ def load_timing_cache(config, path) -> bool:
 
 def build_with_trtexec(onnx_path, engine_path, precision, chw, dynamic, max_batch, timing_cache) -> dict:
     """``trtexec``: FP32/FP16 directly; INT8 only with a calibration cache from an earlier Python-API build."""
-    cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
+    # trtexec writes the engine itself: into a partial file renamed once the build succeeded, never half an engine.
+    partial = Path(engine_path).with_name(f".{Path(engine_path).name}.partial")
+    cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={partial}"]
     if timing_cache:
         cmd.append(f"--timingCacheFile={timing_cache}")
     if precision in ("fp16", "int8"):
@@ -167,7 +170,9 @@ def build_with_trtexec(onnx_path, engine_path, precision, chw, dynamic, max_batc
     cmd.append("--skipInference" if "--skipInference" in help_text else "--buildOnly")
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:
+        partial.unlink(missing_ok=True)
         raise rt.BundleError(f"trtexec failed ({' '.join(cmd)}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    os.replace(partial, engine_path)
     version = next((line.split("[TensorRT v")[1].split("]")[0] for line in done.stdout.splitlines()
                     if "[TensorRT v" in line), "unknown")
     return {"builder": "trtexec", "tensorrt": version, "command": " ".join(cmd)}
@@ -215,12 +220,12 @@ def build_bundle(onnx_bundle, precision: str, out=None, calib=None, max_batch: i
     shutil.copyfile(src / "reference.npz", folder / "reference.npz")
     # 3. Write the manifest, then check the engine against PyTorch's scores.
     manifest = engine_manifest(source, precision, facts, ["model.engine", "reference.npz"], folder)
-    (folder / rt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    rt.write_atomic(folder / rt.MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     parity = rt.reference_check(rt.load_bundle(folder))
     limit = threshold if threshold is not None else (0.97 if precision == "int8" else 0.995)
     manifest["parity"] = {**parity, "source": "reference.npz (held-out images stored at export)",
                           "threshold": limit, "passed": parity["top1_agreement"] >= limit}
-    (folder / rt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    rt.write_atomic(folder / rt.MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     if not manifest["parity"]["passed"]:
         raise rt.BundleError(f"{folder}: top-1 agreement with PyTorch {parity['top1_agreement']:.3f} < {limit}")
     return folder

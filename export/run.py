@@ -12,8 +12,8 @@ tensor the PyTorch student saw. Copy the whole ``export/`` folder to the device.
 import argparse
 import hashlib
 import json
+import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -26,9 +26,11 @@ from PIL import Image
 # sibling by its plain name, with this folder first on sys.path: `python -P` and `-I` leave a script's folder off it.
 if __package__:
     from .preprocess import load_image, normalize, preprocess
+    from .timing import latency_stats, time_calls
 else:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from preprocess import load_image, normalize, preprocess
+    from timing import latency_stats, time_calls
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bundles: a folder with manifest.json and the artifact files it lists with their sha256.
@@ -62,6 +64,22 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def write_atomic(path, data: bytes):
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``: a reader (or a re-run after
+    a kill) sees the old file or the whole new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(path) -> dict:
@@ -337,25 +355,6 @@ def compare_scores(ref: np.ndarray, out: np.ndarray) -> dict:
             "max_abs_error": float(np.abs(ref - out).max()), "mean_abs_error": float(np.abs(ref - out).mean())}
 
 
-def time_calls(fn, warmup: int, iters: int) -> list:
-    """Wall-clock milliseconds of ``iters`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def latency_stats(times_ms: list, batch: int) -> dict:
-    t = np.asarray(times_ms)
-    p50, p90, p99 = (float(v) for v in np.percentile(t, [50, 90, 99]))
-    return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(t.mean()),
-            "throughput_ips": batch * 1e3 / p50, "iters": len(t)}
-
-
 def bench_bundle(bundle: Bundle, batch: int, warmup: int, iters: int) -> dict:
     x = np.random.default_rng(0).standard_normal((batch, 3, bundle.spec["size"], bundle.spec["size"]),
                                                  dtype=np.float32)
@@ -398,7 +397,7 @@ def cmd_bench(args) -> int:
         print(f"{bundle.name} batch {batch}: p50 {row['p50_ms']:.2f} ms, p90 {row['p90_ms']:.2f} ms, "
               f"p99 {row['p99_ms']:.2f} ms, {row['throughput_ips']:.1f} images/s")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        write_atomic(args.json, (json.dumps(rows, indent=2) + "\n").encode())
     return 0
 
 

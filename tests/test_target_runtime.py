@@ -195,7 +195,9 @@ def test_trtexec_command(tmp_path, monkeypatch):
     fake = tmp_path / "bin" / "trtexec"
     fake.parent.mkdir()
     fake.write_text(f"#!/bin/sh\nif [ \"$1\" = --help ]; then echo '  --skipInference'; exit 0; fi\n"
-                    f"echo \"$@\" > {tmp_path}/args\necho '[I] [TensorRT v100300] done'\n")
+                    f"echo \"$@\" > {tmp_path}/args\n"
+                    "for a in \"$@\"; do case $a in --saveEngine=*) echo engine > \"${a#--saveEngine=}\";; esac; done\n"
+                    "echo '[I] [TensorRT v100300] done'\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     facts = be.build_with_trtexec("m.onnx", tmp_path / "m.engine", "fp16", (3, 48, 48), True, 8, tmp_path / "t.cache")
@@ -203,6 +205,8 @@ def test_trtexec_command(tmp_path, monkeypatch):
     assert "--fp16" in args and f"--timingCacheFile={tmp_path / 't.cache'}" in args and "--skipInference" in args
     assert "--minShapes=input:1x3x48x48" in args and "--maxShapes=input:8x3x48x48" in args
     assert facts["tensorrt"] == "100300"
+    assert (tmp_path / "m.engine").read_text() == "engine\n" and not list(tmp_path.glob(".m.engine*")), \
+        "the engine lands under its own name only once trtexec finished"
     with pytest.raises(rt.BundleError, match="trtexec cannot calibrate INT8"):
         be.build_with_trtexec("m.onnx", tmp_path / "m.engine", "int8", (3, 48, 48), True, 8, None)
 

@@ -1,5 +1,5 @@
 """The target runtime, as the library imports it. Its code is not in this folder: it lives in the top-level
-``export/`` folder (``export/preprocess.py``, ``export/run.py``, ``export/build_engine.py``).
+``export/`` folder (``export/preprocess.py``, ``export/run.py``, ``export/timing.py``, ``export/build_engine.py``).
 
 ``export/`` is what a user copies to a device, where it runs with numpy, pillow and one runtime and without
 edgedistill, so it cannot sit inside this package. The library still runs that very code (the preprocessing a
