@@ -1,10 +1,10 @@
 """Recipes: the schema, YAML loading, overrides and every check that needs no registry.
 
-This is the leaf every module imports, so it imports nothing from edgedistill. It holds the frozen dataclasses (each
-numeric field declares its valid range beside it with ``num``), loading (a built-in name or a YAML file, then dotted
-``key=value`` overrides), type coercion, and the value checks: ranges, choices, prompt templates. Every problem is a
-``RecipeError`` naming the dotted key and what would be valid; unknown keys get the nearest one suggested, never
-auto-corrected. Checking that the registered names a recipe uses exist needs the registries: ``checks.load_checked``.
+This is the leaf every module imports, so it imports nothing from edgedistill but ``recipe_types`` (type coercion,
+itself a leaf). It holds the frozen dataclasses (each numeric field declares its valid range beside it with ``num``),
+loading (a built-in name or a YAML file, then dotted ``key=value`` overrides), and the value checks: ranges,
+choices, prompt templates. Every problem is a ``RecipeError`` naming the dotted key and what would be valid; unknown
+keys get the nearest one suggested, never auto-corrected. Checking that the registered names a recipe uses exist needs the registries: ``checks.load_checked``.
 """
 import dataclasses
 import difflib
@@ -17,12 +17,11 @@ from pathlib import Path
 
 import yaml
 
+# RecipeError and build are imported from here by the rest of the package.
+from .recipe_types import RecipeError, build, section_type, unknown_key_message  # noqa: F401
+
 SEED_MAX = 2**32 - 1  # seeds are 32-bit: every RNG the pipeline seeds takes them (np.random.seed needs < 2**32)
 BOUNDS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-
-
-class RecipeError(ValueError):
-    """A recipe (or an override) is invalid; the message says which key and what would be valid."""
 
 
 def num(default, *, ge=None, gt=None, le=None, lt=None):
@@ -54,6 +53,8 @@ class DataCfg:
     mixup: float = num(0.0, ge=0)       # Mixup alpha on real images only (P1); 0 disables; needs the online teacher
     cutmix: float = num(0.0, ge=0)      # CutMix alpha on real images only (P3); with mixup too, each batch picks one
     num_workers: int = num(0, ge=0)
+    labels_per_class: int = num(0, ge=0)  # keep N labelled training images per class; the rest become unlabelled (0: all)
+    unlabelled_root: str = ""           # a folder of unlabelled images (any layout), for the distillation terms only
     real_train: bool = True             # False: real train images are not trained on (P4 zero-shot: synthetic only)
 
 
@@ -64,6 +65,10 @@ class TeacherCfg:
     pretrained: str = ""                # open_clip tag or timm pretrained tag; "" for the teacher's default
     image_size: int = num(0, ge=0)      # 0: the model's own
     head: str = one_of("linear", "mlp", "zeroshot", "native")  # linear/mlp probed, zeroshot (text head), native
+    mode: str = one_of("probe", "finetune")  # finetune: encoder and linear/mlp head trained end to end on the labels
+    finetune_epochs: int = num(10, ge=1)
+    finetune_lr: float = num(1e-4, gt=0)
+    finetune_batch_size: int = num(16, ge=1)
     n_cls_blocks: int = num(1, ge=1)    # DINOv2: concatenate the CLS tokens of the last n blocks (P1)
     avgpool: bool = False               # DINOv2: also append the average of the last block's patch tokens
     pool: str = one_of("avg", "avgmax")  # timm/EfficientNet-Lite: avgmax concatenates average and max pooling
@@ -286,93 +291,6 @@ def apply_override(raw: dict, item: str):
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node, cls = node[part], sub
-
-
-def unknown_key_message(dotted: str, part: str, names, prefix: str) -> str:
-    close = difflib.get_close_matches(part, list(names), n=3, cutoff=0.5)
-    where = f"in section {prefix!r}" if prefix else "at the top level"
-    hint = ""
-    if close:
-        full = [f"{prefix}.{c}" if prefix else c for c in close]
-        hint = f" Did you mean {full[0]!r}?" if len(full) == 1 else f" Did you mean one of {full}?"
-    return f"Unknown recipe key {dotted!r} {where}.{hint} Valid keys: {sorted(names)}"
-
-
-def section_type(tp):
-    """The dataclass behind a field type (unwrapping Optional), or None for a plain value."""
-    if dataclasses.is_dataclass(tp):
-        return tp
-    for arg in typing.get_args(tp):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
-def build(cls, raw, prefix: str):
-    """Recursively turn a mapping into dataclass ``cls``; an unknown key or a wrong type is a RecipeError naming it."""
-    if not isinstance(raw, dict):
-        raise RecipeError(f"Recipe section {prefix or 'top level'!r} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise RecipeError(unknown_key_message(dotted, str(key), names, prefix))
-        kwargs[key] = coerce(hints[key], value, dotted)
-    return cls(**kwargs)
-
-
-def coerce(tp, value, dotted: str):
-    sub = section_type(tp)
-    if sub is not None:
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        return build(sub, value if value is not None else {}, dotted)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is tuple:  # a single value stands for a one-item list: export.formats=onnx
-        return tuple(coerce(args[0], v, dotted) for v in (value if isinstance(value, (list, tuple)) else [value]))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"Recipe key {dotted!r} must be a list, got {value!r}")
-        return [coerce(args[0], v, dotted) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"Recipe key {dotted!r} must be a mapping, got {value!r}")
-        out = {}
-        for k, v in value.items():
-            if isinstance(k, bool) or not isinstance(k, (str, int, float)):
-                raise RecipeError(f"Recipe key {dotted!r} must have text keys, got {k!r} (quote it in YAML)")
-            out[str(k)] = coerce(args[1], v, f"{dotted}.{k}")
-        return out
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"Recipe key {dotted!r} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"Recipe key {dotted!r} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        return as_float(value, dotted)
-    if tp is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise RecipeError(f"Recipe key {dotted!r} must be a string, got {value!r}")
-        return str(value)
-    return value  # typing.Any: passed on as YAML gave it
-
-
-def as_float(value, dotted: str) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecipeError(f"Recipe key {dotted!r} must be a number, got {value!r}")
-    if isinstance(value, int) and abs(value) > 1e300 or not math.isfinite(value):
-        raise RecipeError(f"Recipe key {dotted!r} must be a finite number, got {value!r}")
-    return float(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
