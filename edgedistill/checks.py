@@ -70,6 +70,9 @@ def check_combinations(recipe: Recipe):
     problem = capability_problem(recipe.teacher)
     if problem:
         raise RecipeError(problem)
+    if recipe.teacher.mode == "finetune" and recipe.teacher.head not in ("linear", "mlp"):
+        raise RecipeError("Recipe key 'teacher.mode' is 'finetune', which trains a new linear or mlp head with the "
+                          f"encoder; set teacher.head to linear or mlp (it is {recipe.teacher.head!r})")
     for mix in ("mixup", "cutmix"):
         if getattr(recipe.data, mix) and recipe.train.teacher != "online":
             raise RecipeError(f"Recipe key 'data.{mix}' needs 'train.teacher: online' (the teacher must see the mixed "

@@ -9,6 +9,7 @@ from . import distributed
 from .data.cache import RealViews
 from .recipe import Recipe, to_plain
 from .run_folder import Run
+from .stages import labelled_items, real_items
 from .students import build_student, save_student, student_input_spec
 from .teachers import ZeroShotHead
 from .train import DistillSet, GlobalBatchSampler, TeacherFeatures, predict, train
@@ -64,11 +65,16 @@ def distill(run: Run, split: dict, feats: dict, head, items: list, teacher_featu
 
 
 def training_items(run: Run, split: dict, views: RealViews | None, synth) -> tuple[list, TeacherFeatures, int]:
-    """What the student trains on: (items, their teacher features, how many are real); real images first."""
+    """What the student trains on: (items, their teacher features, how many are real); real images first.
+
+    Real images whose label is not kept (``data.labels_per_class``) and the unlabelled folder's images carry label
+    -1, as synthetic images do: they feed only the distillation terms, never the cross-entropy (P1).
+    """
     items, teacher_features = [], TeacherFeatures()
     if run.recipe.data.real_train:
-        items += [tuple(it) for it in split["train"]]
-        teacher_features.add(views, np.arange(len(split["train"])))
+        labelled = set(split["labelled"])
+        items += [(p, y if i in labelled else -1) for i, (p, y) in enumerate(real_items(split))]
+        teacher_features.add(views, np.arange(len(items)))
     n_real = len(items)
     if synth is not None:
         keep, _ = synth_split(run, synth)
@@ -126,14 +132,14 @@ class TeacherForTraining:
 
 
 def stage_baseline(run: Run, split: dict, feats: dict, synth) -> dict:
-    """The same student trained on the real labelled images with cross-entropy only: what the teacher is worth.
+    """The same student trained on the labelled images alone with cross-entropy only: what the teacher is worth.
 
     Equal budget: as many optimiser steps of as many images as the distilled student gets, also when synthetic
     images enlarge the distillation epoch (the real images are then repeated); the same views and augmentation.
     """
     r = run.recipe
     n_synth = len(synth_split(run, synth)[0]) if synth is not None else 0
-    n_real = len(split["train"]) if r.data.real_train else 0
+    n_real = len(real_items(split)) if r.data.real_train else 0
     budget = GlobalBatchSampler(n_real, n_synth, r.train.batch_size, r.train.seed, r.train.real_fraction).epoch_size()
     key = fingerprint([run.keys["features"], to_plain(r.student), to_plain(r.train), r.data.augment, r.data.views,
                        r.data.image_size, r.data.crop_pct, r.loss.label_smoothing, budget])
@@ -142,7 +148,7 @@ def stage_baseline(run: Run, split: dict, feats: dict, synth) -> dict:
     def compute():
         model = build_student(r, len(split["classes"]), 0, baseline=True, backbone=run.student_backbone())
         spec = student_spec(run, feats, model.backbone)
-        items = [tuple(it) for it in split["train"]]
+        items = labelled_items(split)  # never an unlabelled image
         dataset = DistillSet(items, spec.to_dict(), None, r.data.augment, r.data.views, spec.crop_pct,
                              r.train.seed, online=r.train.teacher == "online")
         sampler = GlobalBatchSampler(len(items), 0, r.train.batch_size, r.train.seed, epoch_size=budget)

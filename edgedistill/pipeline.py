@@ -11,6 +11,7 @@ import numpy as np
 from . import distributed
 from .checks import check_combinations
 from .distill import stage_baseline, stage_distill
+from .finetune import stage_finetune
 from .recipe import Recipe, dump_recipe, to_plain
 from .report import mean_or_none, print_summary, write_report
 from .run_folder import Run, stage_timings, with_seed
@@ -32,9 +33,10 @@ def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dic
     t0 = time.perf_counter()
 
     # 2. Shared stages: split (a bad data folder is reported before any weights load), then every hub weight at
-    #    once, teacher features, teacher head, synthetic data.
+    #    once, the fine-tuned teacher (when asked for), teacher features, teacher head, synthetic data.
     split = stage_split(run)
     preflight_weights(run)
+    stage_finetune(run, split)
     feats = stage_features(run, split)
     head = stage_head(run, split, feats)
     synth = stage_synth(run, split, feats) if recipe.synthetic is not None else None

@@ -30,9 +30,10 @@ from .utils import atomic_write_text, fingerprint, read_json, write_json
 log = logging.getLogger(__name__)
 # Part of every stage's key: bump a stage's number when a fix changes what it computes from the same inputs, so a
 # run folder made by older code is recomputed rather than silently reused.
-STAGE_VERSIONS = {"split": 2, "features": 2, "views": 1, "probe": 3, "synth": 2, "distill": 4, "baseline": 4,
+STAGE_VERSIONS = {"split": 3, "finetune": 1, "features": 3, "views": 2, "probe": 4, "synth": 2, "distill": 5,
+                  "baseline": 5,
                   "evaluate": 3, "export": 2, "bench": 2}
-SHARED_STAGES = ("split", "features", "probe", "synth")  # independent of the student and of the seed
+SHARED_STAGES = ("split", "finetune", "features", "probe", "synth")  # independent of the student and of the seed
 
 
 class Run:
@@ -48,6 +49,7 @@ class Run:
         self.device = distributed.pick_device(recipe.train.device)
         self._teacher: Teacher | None = None
         self.pretrained_backbone = None  # the student's hub-weights backbone, when fetched up front
+        self.teacher_file: Path | None = None  # the fine-tuned teacher's state dict (teacher.mode: finetune)
         self.keys: dict = {}
         self.timings: dict = {}
         self.reused: list = []
@@ -93,9 +95,17 @@ class Run:
         return copy.deepcopy(self.pretrained_backbone) if self.pretrained_backbone is not None else None
 
     def teacher(self) -> Teacher:
+        """The recipe's teacher, with its fine-tuned weights once the finetune stage has made them."""
         if self._teacher is None:
-            self._teacher = build_teacher(self.recipe.teacher).to(self.device)
+            self._teacher = build_teacher(self.recipe.teacher)
+            if self.teacher_file is not None:
+                load_teacher_weights(self._teacher, self.teacher_file)
+            self._teacher.to(self.device)
         return self._teacher
+
+    def use_teacher_weights(self, path: Path):
+        """From now on the teacher carries the fine-tuned weights in ``path``."""
+        self.teacher_file, self._teacher = Path(path), None
 
 def stage_timings(runs: list, elapsed: float) -> dict:
     """Seconds each stage took when it was computed (kept when a re-run reuses it), their sum, and this call's."""
@@ -115,6 +125,7 @@ def with_seed(run: Run, k: int) -> Run:
     seeded = Run(run.dir / f"seed-{k}", recipe, run.shared)
     seeded._teacher, seeded.keys, seeded.timings = run._teacher, dict(run.keys), dict(run.timings)
     seeded.reused, seeded.device, seeded.pretrained_backbone = list(run.reused), run.device, run.pretrained_backbone
+    seeded.teacher_file = run.teacher_file
     if distributed.is_main():  # export, demo and bench read a seed's folder like any run folder
         seeded.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(seeded.dir / "recipe.yaml", dump_recipe(recipe))
@@ -135,10 +146,27 @@ def load_run_teacher(run_dir, device: str = "cpu") -> Teacher:
     """The teacher of a finished run with its head attached (raises WeightsUnavailable when weights are absent)."""
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
-    teacher = build_teacher(recipe.teacher).to(device)
+    teacher = build_teacher(recipe.teacher)
     # A seed's folder (RUN/seed-k) or a sweep point (SWEEP/points/p) finds the head in the shared folder above.
+    tuned = next((d / "teacher" / "model.pt" for d in (run_dir, run_dir.parent, run_dir.parent.parent)
+                  if (d / "teacher" / "model.pt").exists()), None)
+    if recipe.teacher.mode == "finetune":
+        if tuned is None:
+            raise FileNotFoundError(f"{run_dir} has no fine-tuned teacher (teacher/model.pt): finish the run first")
+        load_teacher_weights(teacher, tuned)
+    teacher.to(device)
     head = next((d / "probe" / "head.pt" for d in (run_dir, run_dir.parent, run_dir.parent.parent)
                  if (d / "probe" / "head.pt").exists()), run_dir / "probe" / "head.pt")
     teacher.head = load_head(head, device)
     teacher.class_names = read_json(run_dir / "split.json")["classes"]
     return teacher
+
+
+def load_teacher_weights(teacher: Teacher, path):
+    """A fine-tuned teacher's encoder weights: tensors only (``weights_only=True``), never pickled code."""
+    import torch
+
+    teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()

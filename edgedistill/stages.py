@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def stage_split(run: Run) -> dict:
     d = run.recipe.data
     key = fingerprint([d.dataset, d.root, d.classes, d.test_fraction, d.val_fraction, d.max_per_class, d.split_seed,
-                       folder_listing(d)])
+                       folder_listing(d), d.labels_per_class, d.unlabelled_root,
+                       folder_listing(d, d.unlabelled_root) if d.unlabelled_root else ""])
     path = run.shared / "split.json"
 
     def compute():
@@ -31,8 +32,9 @@ def stage_split(run: Run) -> dict:
         write_json(path, split)
         if split["skipped"]:
             log.warning("%d unreadable images were skipped (listed in %s)", len(split["skipped"]), path)
-        return {"train": len(split["train"]), "val": len(split["val"]), "test": len(split["test"]),
-                "skipped": len(split["skipped"]), "classes": len(split["classes"])}
+        return {"train": len(split["train"]), "labelled": len(split["labelled"]), "unlabelled": len(split["unlabelled"]),
+                "val": len(split["val"]), "test": len(split["test"]), "skipped": len(split["skipped"]),
+                "classes": len(split["classes"])}
 
     summary = run.stage("split", key, compute if distributed.is_main() else dict)
     distributed.barrier()
@@ -43,10 +45,23 @@ def stage_split(run: Run) -> dict:
     return split
 
 
-def folder_listing(d) -> str:
+def real_items(split: dict) -> list:
+    """The real images a student trains on, in their teacher-feature caches' order: the training split, then the
+    unlabelled folder's images (label -1)."""
+    return [tuple(it) for it in split["train"]] + [tuple(it) for it in split["unlabelled"]]
+
+
+def labelled_items(split: dict) -> list:
+    """The training images whose labels are used (all of them unless ``data.labels_per_class`` is set)."""
+    return [tuple(split["train"][i]) for i in split["labelled"]]
+
+
+def folder_listing(d, root=None) -> str:
     """A fingerprint of the image files (relative path and size) under an image folder: added, removed or replaced
     images make a new split. Datasets fetched by name are fixed releases and are keyed by their name alone."""
-    if d.dataset == "imagefolder":
+    if root is not None:
+        root = Path(root).expanduser()
+    elif d.dataset == "imagefolder":
         root = Path(d.root).expanduser()
     elif d.dataset == "conformal-clip-data":
         import conformal_clip_data
@@ -61,17 +76,18 @@ def folder_listing(d) -> str:
     return fingerprint(files)
 
 
-def teacher_key(recipe: Recipe) -> str:
-    t = recipe.teacher
+def teacher_key(run: Run) -> str:
+    """What the teacher's features depend on: its settings and, when fine-tuned, the fine-tuning stage's key."""
+    t = run.recipe.teacher
     return fingerprint([t.name, t.arch, t.pretrained, t.image_size, t.n_cls_blocks, t.avgpool, t.pool, t.width,
-                        t.depth, t.embed_dim])
+                        t.depth, t.embed_dim, run.keys.get("finetune")])
 
 
 def open_caches(run: Run, split: dict, tdim: int, crop: float) -> dict:
     """The shared real-image caches, un-augmented view only: train and eval (val + test)."""
-    tkey = teacher_key(run.recipe)
+    tkey = teacher_key(run)
     out = {}
-    for name, items in {"train": split["train"], "eval": split["val"] + split["test"]}.items():
+    for name, items in {"train": real_items(split), "eval": split["val"] + split["test"]}.items():
         meta = {"teacher": tkey, "crop_pct": crop, "keys": fingerprint(items),
                 "version": STAGE_VERSIONS["features"]}
         out[name] = FeatureCache(run.shared / "cache" / f"{name}-{fingerprint(meta)}", [p for p, _ in items], 1,
@@ -89,13 +105,13 @@ def stage_features(run: Run, split: dict) -> dict:
     """Teacher features of the un-augmented view of every image, computed once and shared by every seed (train
     images only when real images are trained on); augmented views are each seed's own (``stage_views``)."""
     r = run.recipe
-    key = fingerprint([run.keys["split"], teacher_key(r), r.data.crop_pct, r.data.real_train])
+    key = fingerprint([run.keys["split"], teacher_key(run), r.data.crop_pct, r.data.real_train])
 
     def compute():
         t = run.teacher()
         crop = view_crop(run, t.info.input.to_dict())
         caches = open_caches(run, split, t.feature_dim, crop)
-        groups = [("eval", split["val"] + split["test"])] + ([("train", split["train"])] if r.data.real_train else [])
+        groups = [("eval", split["val"] + split["test"])] + ([("train", real_items(split))] if r.data.real_train else [])
         for name, items in groups:
             n = caches[name].fill(t, items, r.data.augment, crop, r.teacher.batch_size, r.data.num_workers,
                                   run.device, desc=f"teacher features ({name})")
@@ -117,17 +133,17 @@ def stage_views(run: Run, split: dict, feats: dict) -> RealViews | None:
     r = run.recipe
     if not r.data.real_train:
         return None
-    base = feats["caches"]["train"]
+    base, real = feats["caches"]["train"], real_items(split)
     if r.data.views < 2:
         return RealViews(base, None)
-    meta = {"teacher": teacher_key(r), "crop_pct": feats["crop_pct"], "augment": r.data.augment,
-            "seed": r.train.seed, "keys": fingerprint(split["train"]), "version": STAGE_VERSIONS["views"]}
+    meta = {"teacher": teacher_key(run), "crop_pct": feats["crop_pct"], "augment": r.data.augment,
+            "seed": r.train.seed, "keys": fingerprint(real), "version": STAGE_VERSIONS["views"]}
     folder = run.shared / "cache" / f"train-views-{fingerprint(meta)}"
     key = fingerprint([run.keys["features"], meta, r.data.views])
 
     def compute():
-        cache = FeatureCache(folder, [p for p, _ in split["train"]], r.data.views - 1, feats["dim"], meta)
-        n = cache.fill(run.teacher(), split["train"], r.data.augment, feats["crop_pct"], r.teacher.batch_size,
+        cache = FeatureCache(folder, [p for p, _ in real], r.data.views - 1, feats["dim"], meta)
+        n = cache.fill(run.teacher(), real, r.data.augment, feats["crop_pct"], r.teacher.batch_size,
                        r.data.num_workers, run.device, desc="teacher features (augmented views)", salt=r.train.seed,
                        first_view=1)
         log.info("teacher features (augmented views): %d computed", n)
@@ -135,7 +151,7 @@ def stage_views(run: Run, split: dict, feats: dict) -> RealViews | None:
 
     run.stage("views", key, compute if distributed.is_main() else dict)
     distributed.barrier()
-    return RealViews(base, FeatureCache(folder, [p for p, _ in split["train"]], r.data.views - 1, feats["dim"], meta))
+    return RealViews(base, FeatureCache(folder, [p for p, _ in real], r.data.views - 1, feats["dim"], meta))
 
 
 def class_prompt_names(recipe: Recipe, classes) -> list[str]:
@@ -143,14 +159,17 @@ def class_prompt_names(recipe: Recipe, classes) -> list[str]:
 
 
 def stage_head(run: Run, split: dict, feats: dict) -> torch.nn.Module:
-    """The teacher's head: probed on cached features (linear/MLP), CLIP's text head, or its own classifier."""
+    """The teacher's head: probed on cached features (linear/MLP), CLIP's text head, its own classifier, or the head
+    fine-tuned with it (``teacher.mode: finetune``)."""
     r, t = run.recipe, run.recipe.teacher
     key = fingerprint([run.keys["features"], t.head, t.templates, r.data.prompt_names, r.data.superclass,
-                       t.probe_epochs, t.probe_lr, t.probe_weight_decay, t.probe_batch_size])
+                       t.probe_epochs, t.probe_lr, t.probe_weight_decay, t.probe_batch_size, t.mode])
     path = run.shared / "probe" / "head.pt"
 
     def compute():
-        if t.head == "zeroshot":
+        if t.mode == "finetune":
+            head = load_head(run.shared / "teacher" / "head.pt")
+        elif t.head == "zeroshot":
             head = run.teacher().text_head(class_prompt_names(r, split["classes"]), t.templates, r.data.superclass)
         elif t.head == "native":
             head, _ = run.teacher().native_head()
@@ -168,10 +187,11 @@ def stage_head(run: Run, split: dict, feats: dict) -> torch.nn.Module:
 
 
 def probe(cache: FeatureCache, split: dict, dim: int, t, seed: int) -> torch.nn.Module:
-    """Train a linear or MLP head on frozen, cached teacher features of the un-augmented views (P1 step 1)."""
+    """Train a linear or MLP head on frozen, cached teacher features of the un-augmented views of the labelled
+    training images (P1 step 1)."""
     torch.manual_seed(seed)
-    x = cache.get(np.arange(len(split["train"])))
-    y = torch.tensor([label for _, label in split["train"]])
+    x = cache.get(np.asarray(split["labelled"]))
+    y = torch.tensor([split["train"][i][1] for i in split["labelled"]])
     head = make_probe_head(t.head, dim, len(split["classes"]))
     opt = torch.optim.AdamW(head.parameters(), lr=t.probe_lr, weight_decay=t.probe_weight_decay)
     steps = t.probe_epochs * max(1, len(x) // t.probe_batch_size)

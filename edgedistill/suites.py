@@ -30,32 +30,24 @@ def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, base
     def compute():
         if not distributed.is_main():
             return {}
-        tk = r.eval.top_k
+        # 1. Teacher, student and baseline on the held-out test split.
         n_eval = len(split["val"])
         t_feat = feats["caches"]["eval"].get(np.arange(n_eval, n_eval + len(test)))
         t_logits = head(t_feat)
         metrics = {"recipe": r.name, "classes": classes, "n_test": len(test),
-                   "teacher": {**classification_metrics(t_logits, labels, classes, tk), "gflops": feats["gflops"],
+                   "teacher": {**classification_metrics(t_logits, labels, classes, r.eval.top_k),
+                               "gflops": feats["gflops"],
                                "params_m": feats["params_m"] + sum(p.numel() for p in head.parameters()) / 1e6,
                                **feats["info"]}}
-        loaded = {}
-        for name, stage in (("student", student), ("baseline", baseline)):
-            if stage is None:
-                continue
-            model, saved = loaded[name] = load_student(run.dir, name)
-            out = predict(model, test, saved["input"], saved["input"]["crop_pct"],
-                          r.train.batch_size, run.device, r.data.num_workers, desc=f"evaluate {name}")
-            logits = out["logits"]
-            metrics[name] = {**classification_metrics(logits, labels, classes, tk),
-                             "gflops": gflops(LogitsOnly(model), saved["input"]["size"]),
-                             "params_m": sum(p.numel() for n, p in model.named_parameters()
-                                             if not n.startswith("au_")) / 1e6,
-                             "image_size": saved["input"]["size"], "model": r.student.name}
-            metrics[name]["agreement_with_teacher"] = agreement(logits, t_logits)
-            if name == "student" and "embedding" in out and out["embedding"].shape[1] == t_feat.shape[1]:
-                metrics[name]["feature_cosine"] = torch.nn.functional.cosine_similarity(
-                    out["embedding"], t_feat).mean().item()
+        loaded = {name: load_student(run.dir, name) for name, stage in (("student", student), ("baseline", baseline))
+                  if stage is not None}
+        for name, (model, saved) in loaded.items():
+            metrics[name] = student_metrics(run, model, saved, test, labels, t_feat, t_logits, name)
+        for name, counts in image_counts(run, split, synth).items():
+            if name in metrics:
+                metrics[name]["images"] = counts
         metrics["gflops_ratio"] = metrics["student"]["gflops"] / max(metrics["teacher"]["gflops"], 1e-12)
+        # 2. The suites the recipe asks for.
         if r.eval.corruptions:
             metrics["robustness"] = evaluate_robustness(run, test, head, *loaded["student"])
         metrics["gap"] = evaluate_gap(run, split, head, synth, metrics, *loaded["student"])
@@ -71,6 +63,33 @@ def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, base
     run.stage("evaluate", key, compute)
     distributed.barrier()
     return read_json(path)
+
+
+def student_metrics(run: Run, model, saved: dict, test: list, labels, t_feat, t_logits, name: str) -> dict:
+    r = run.recipe
+    out = predict(model, test, saved["input"], saved["input"]["crop_pct"], r.train.batch_size, run.device,
+                  r.data.num_workers, desc=f"evaluate {name}")
+    logits = out["logits"]
+    metrics = {**classification_metrics(logits, labels, saved["class_names"], r.eval.top_k),
+               "gflops": gflops(LogitsOnly(model), saved["input"]["size"]),
+               "params_m": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("au_")) / 1e6,
+               "image_size": saved["input"]["size"], "model": r.student.name,
+               "agreement_with_teacher": agreement(logits, t_logits)}
+    if "embedding" in out and out["embedding"].shape[1] == t_feat.shape[1] and name == "student":
+        metrics["feature_cosine"] = torch.nn.functional.cosine_similarity(out["embedding"], t_feat).mean().item()
+    return metrics
+
+
+def image_counts(run: Run, split: dict, synth) -> dict:
+    """How many labelled and unlabelled images each model learnt from (synthetic ones counted apart)."""
+    r = run.recipe
+    labelled = len(split["labelled"]) if r.data.real_train else 0
+    unlabelled = len(split["train"]) + len(split["unlabelled"]) - labelled if r.data.real_train else 0
+    n_synth = len(synth_split(run, synth)[0]) if synth is not None else 0
+    taught = r.teacher.mode == "finetune" or r.teacher.head in ("linear", "mlp")
+    return {"teacher": {"labelled": len(split["labelled"]) if taught else 0, "unlabelled": 0},
+            "student": {"labelled": labelled, "unlabelled": unlabelled, "synthetic": n_synth},
+            "baseline": {"labelled": len(split["labelled"]), "unlabelled": 0}}
 
 
 def evaluate_robustness(run: Run, test: list, head, student, saved: dict) -> dict:
@@ -168,7 +187,7 @@ def evaluate_spurious(run: Run, split: dict, feats: dict, head, distill_key: str
     caches = {}
     for name, items in paths.items():
         views = r.data.views if name == "train" else 1
-        meta = {"teacher": teacher_key(r), "spurious": r.eval.spurious, "augment": r.data.augment, "crop_pct": crop,
+        meta = {"teacher": teacher_key(run), "spurious": r.eval.spurious, "augment": r.data.augment, "crop_pct": crop,
                 "seed": r.train.seed, "keys": fingerprint(items), "version": STAGE_VERSIONS["features"]}
         caches[name] = FeatureCache(folder / "cache" / name, [p for p, _ in items], views, teacher.feature_dim, meta)
         caches[name].fill(teacher, items, r.data.augment, crop, r.teacher.batch_size, device=run.device,

@@ -162,8 +162,33 @@ def cap_per_class(items: list, cap: int, seed: int) -> list:
     return out
 
 
+def labelled_subset(train: list, per_class: int, seed: int) -> list[int]:
+    """Positions in ``train`` of ``per_class`` images of each class drawn at random (all of a smaller class), sorted:
+    the images whose labels are used; 0 keeps every label."""
+    if per_class <= 0:
+        return list(range(len(train)))
+    rng = np.random.default_rng([seed, 104729])
+    by_class: dict = {}
+    for i, (_, y) in enumerate(train):
+        by_class.setdefault(y, []).append(i)
+    return sorted(i for y in sorted(by_class) for i in rng.permutation(by_class[y])[:per_class].tolist())
+
+
+def unlabelled_pool(root: str) -> tuple[list, list]:
+    """(items, skipped): every readable image under ``root`` (any layout), as (path, -1), for distillation only."""
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Unlabelled image folder {folder} does not exist (recipe key 'data.unlabelled_root')")
+    items = [(str(p), -1) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    kept, skipped = drop_unreadable(items)
+    if not kept:
+        raise DataError(f"Unlabelled image folder {folder} holds no readable image (recipe key 'data.unlabelled_root')")
+    return kept, skipped
+
+
 def make_split(cfg) -> dict:
-    """Train/val/test lists of (path, label) for a recipe's data section, unreadable images removed.
+    """Train/val/test lists of (path, label) for a recipe's data section, unreadable images removed; ``labelled``:
+    the positions in ``train`` whose labels are used (``data.labels_per_class``); ``unlabelled``: extra images.
 
     Raises DataError, before any model work, when fewer than two classes are left or a class has no readable
     training image; single unreadable images are reported and skipped.
@@ -191,7 +216,11 @@ def make_split(cfg) -> dict:
     val = []
     if cfg.val_fraction > 0:
         train, val = stratified_split(train, cfg.val_fraction, cfg.split_seed + 7)
-    return {"classes": classes, "train": train, "val": val, "test": test, "skipped": skipped + skipped_test}
+    # 4. Scarce labels: which training images keep their label; any other folder of images is unlabelled.
+    pool, skipped_pool = unlabelled_pool(cfg.unlabelled_root) if cfg.unlabelled_root else ([], [])
+    return {"classes": classes, "train": train, "val": val, "test": test,
+            "labelled": labelled_subset(train, cfg.labels_per_class, cfg.split_seed), "unlabelled": pool,
+            "skipped": skipped + skipped_test + skipped_pool}
 
 
 def describe_dataset(cfg) -> str:
