@@ -69,6 +69,7 @@ class TeacherCfg:
     finetune_epochs: int = num(10, ge=1)
     finetune_lr: float = num(1e-4, gt=0)
     finetune_batch_size: int = num(16, ge=1)
+    runtime: str = one_of("auto", "pytorch", "onnxruntime", "openvino")  # what runs the feature pass (auto: fastest)
     n_cls_blocks: int = num(1, ge=1)    # DINOv2: concatenate the CLS tokens of the last n blocks (P1)
     avgpool: bool = False               # DINOv2: also append the average of the last block's patch tokens
     pool: str = one_of("avg", "avgmax")  # timm/EfficientNet-Lite: avgmax concatenates average and max pooling

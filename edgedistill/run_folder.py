@@ -50,6 +50,7 @@ class Run:
         self._teacher: Teacher | None = None
         self.pretrained_backbone = None  # the student's hub-weights backbone, when fetched up front
         self.teacher_file: Path | None = None  # the fine-tuned teacher's state dict (teacher.mode: finetune)
+        self.feature_runtime = None  # (teacher as the feature stages run it, record), chosen once per process
         self.keys: dict = {}
         self.timings: dict = {}
         self.reused: list = []
@@ -105,7 +106,7 @@ class Run:
 
     def use_teacher_weights(self, path: Path):
         """From now on the teacher carries the fine-tuned weights in ``path``."""
-        self.teacher_file, self._teacher = Path(path), None
+        self.teacher_file, self._teacher, self.feature_runtime = Path(path), None, None
 
 def stage_timings(runs: list, elapsed: float) -> dict:
     """Seconds each stage took when it was computed (kept when a re-run reuses it), their sum, and this call's."""
@@ -125,7 +126,7 @@ def with_seed(run: Run, k: int) -> Run:
     seeded = Run(run.dir / f"seed-{k}", recipe, run.shared)
     seeded._teacher, seeded.keys, seeded.timings = run._teacher, dict(run.keys), dict(run.timings)
     seeded.reused, seeded.device, seeded.pretrained_backbone = list(run.reused), run.device, run.pretrained_backbone
-    seeded.teacher_file = run.teacher_file
+    seeded.teacher_file, seeded.feature_runtime = run.teacher_file, run.feature_runtime
     if distributed.is_main():  # export, demo and bench read a seed's folder like any run folder
         seeded.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(seeded.dir / "recipe.yaml", dump_recipe(recipe))

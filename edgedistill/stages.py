@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from . import distributed
-from .data import IMAGE_EXTENSIONS, make_split
+from .data import IMAGE_EXTENSIONS, make_split, resize_normalize, view_image
 from .data.cache import FeatureCache, RealViews
 from .evaluate import gflops, params_used
 from .recipe import Recipe, to_plain
 from .run_folder import STAGE_VERSIONS, Run
+from .teacher_runtime import PARITY_IMAGES, feature_teacher
 from .teachers import load_head, make_probe_head, save_head
 from .utils import fingerprint, read_json, write_json
 
@@ -80,7 +81,7 @@ def teacher_key(run: Run) -> str:
     """What the teacher's features depend on: its settings and, when fine-tuned, the fine-tuning stage's key."""
     t = run.recipe.teacher
     return fingerprint([t.name, t.arch, t.pretrained, t.image_size, t.n_cls_blocks, t.avgpool, t.pool, t.width,
-                        t.depth, t.embed_dim, run.keys.get("finetune")])
+                        t.depth, t.embed_dim, t.runtime, run.keys.get("finetune")])
 
 
 def open_caches(run: Run, split: dict, tdim: int, crop: float) -> dict:
@@ -111,12 +112,13 @@ def stage_features(run: Run, split: dict) -> dict:
         t = run.teacher()
         crop = view_crop(run, t.info.input.to_dict())
         caches = open_caches(run, split, t.feature_dim, crop)
+        encoder, runtime = features_teacher(run, split, crop)
         groups = [("eval", split["val"] + split["test"])] + ([("train", real_items(split))] if r.data.real_train else [])
         for name, items in groups:
-            n = caches[name].fill(t, items, r.data.augment, crop, r.teacher.batch_size, r.data.num_workers,
+            n = caches[name].fill(encoder, items, r.data.augment, crop, r.teacher.batch_size, r.data.num_workers,
                                   run.device, desc=f"teacher features ({name})")
             log.info("teacher features (%s): %d computed, %d reused", name, n, caches[name].done.size - n)
-        return {"dim": t.feature_dim, "input": t.info.input.to_dict(), "crop_pct": crop,
+        return {"dim": t.feature_dim, "input": t.info.input.to_dict(), "crop_pct": crop, "runtime": runtime,
                 "gflops": gflops(t.flops_model(), t.info.input.size),
                 "params_m": params_used(t.flops_model(), t.info.input.size) / 1e6,
                 "info": {"name": t.info.name, "arch": t.info.arch, "weights": t.info.weights,
@@ -143,7 +145,8 @@ def stage_views(run: Run, split: dict, feats: dict) -> RealViews | None:
 
     def compute():
         cache = FeatureCache(folder, [p for p, _ in real], r.data.views - 1, feats["dim"], meta)
-        n = cache.fill(run.teacher(), real, r.data.augment, feats["crop_pct"], r.teacher.batch_size,
+        n = cache.fill(features_teacher(run, split, feats["crop_pct"])[0], real, r.data.augment, feats["crop_pct"],
+                       r.teacher.batch_size,
                        r.data.num_workers, run.device, desc="teacher features (augmented views)", salt=r.train.seed,
                        first_view=1)
         log.info("teacher features (augmented views): %d computed", n)
@@ -152,6 +155,20 @@ def stage_views(run: Run, split: dict, feats: dict) -> RealViews | None:
     run.stage("views", key, compute if distributed.is_main() else dict)
     distributed.barrier()
     return RealViews(base, FeatureCache(folder, [p for p, _ in real], r.data.views - 1, feats["dim"], meta))
+
+
+def features_teacher(run: Run, split: dict, crop: float):
+    """(the teacher as the feature stages run it, a record of which runtime and why): ``teacher.runtime``, checked
+    against PyTorch on the first images of the run's own splits; chosen once per process."""
+    if run.feature_runtime is None:
+        t = run.teacher()
+        spec = t.info.input.to_dict()
+        items = (split["val"] + split["test"] + split["train"])[:PARITY_IMAGES]
+        sample = torch.from_numpy(np.stack([resize_normalize(view_image(p, "none", None, crop), spec)
+                                            for p, _ in items]))
+        run.feature_runtime = feature_teacher(t, run.recipe.teacher.runtime, run.shared / "teacher-runtime", sample,
+                                              run.device)
+    return run.feature_runtime
 
 
 def class_prompt_names(recipe: Recipe, classes) -> list[str]:

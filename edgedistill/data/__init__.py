@@ -290,6 +290,15 @@ def augment_light(img, rng, crop_pct):
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
 
 
+@AUGMENTS.register("flip_rotate")
+def augment_flip_rotate(img, rng, crop_pct):
+    """A random one of the 8 flips and right-angle rotations, nothing cropped: for images with no up or down
+    (textures, surfaces, aerial and microscope views) where a crop could cut away the very thing the label is about."""
+    img = img.crop(center_crop_box(img.width, img.height, crop_pct))
+    img = img.rotate(90 * int(rng.integers(4)), expand=True)
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
 @AUGMENTS.register("crop_flip_jitter")
 def augment_crop_flip_jitter(img, rng, crop_pct):
     """RandomResizedCrop (scale 0.08-1), flip 0.5, ColorJitter 0.4 on brightness, contrast and saturation.
