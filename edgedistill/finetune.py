@@ -31,16 +31,6 @@ class TeacherNet(nn.Module):
     def forward(self, x):
         return {"logits": self.head(self.teacher._encode(x))}
 
-    def train(self, mode: bool = True):
-        """Training mode everywhere except batch normalisation, which keeps its pretrained statistics: batches of a
-        few labelled images are too small to re-estimate them, and re-estimating them is what makes small-batch
-        fine-tuning of a pretrained network drift."""
-        super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-        return self
-
 
 def stage_finetune(run: Run, split: dict) -> dict | None:
     """Fine-tune the teacher when the recipe asks for it; afterwards ``run.teacher()`` is the fine-tuned teacher."""
