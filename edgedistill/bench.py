@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import atomic_write_text, read_json, write_json
+from .utils import atomic_savefig, atomic_write_text, read_json, write_json
 
 log = logging.getLogger(__name__)
 BENCH_BACKENDS = ("pytorch", "torch-compile", "onnxruntime", "openvino", "tensorrt")
@@ -270,7 +270,7 @@ def plot(rows: list, path: Path):
     ax.set_title("Accuracy against latency")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
 
 

@@ -4,6 +4,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from .utils import atomic_savefig
+
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Percent of rows whose label is among the k highest scores."""
@@ -126,5 +128,5 @@ def plot_confusion(matrix, class_names, path, title: str):
                 ax.text(j, i, int(m[i, j]), ha="center", va="center",
                         color="white" if m[i, j] > m.max() / 2 else "black", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .checks import load_checked
 from .recipe import RecipeError
-from .utils import atomic_write_text
+from .utils import atomic_savefig, atomic_write_text
 
 _OPEN, _CLOSE = "[{(", "]})"
 
@@ -166,7 +166,7 @@ def plot_pareto(rows: list[dict], path, batch: int | None = None):
     if not backends:
         axes[0].text(0.5, 0.5, "no benchmark rows", ha="center", va="center")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
 
 
 def point_dirname(point: dict) -> str:

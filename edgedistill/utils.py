@@ -50,6 +50,15 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
+def atomic_savefig(fig, path, **kwargs):
+    """A matplotlib figure written whole or not at all (rendered in memory, then renamed into place)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_torch_save(obj, path):
     import torch
 
