@@ -86,6 +86,13 @@ def _demo(args):
     return 0
 
 
+def _doctor(args):
+    from .doctor import report
+
+    print(report())
+    return 0
+
+
 def _csv(value):
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -136,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=10)
     bench.add_argument("--iters", type=int, default=50)
     bench.set_defaults(fn=_bench)
+
+    verbs.add_parser("doctor", help="optional backends, the host's CPU/GPU, and which recipes run here offline"
+                     ).set_defaults(fn=_doctor)
 
     demo = verbs.add_parser("demo", help="serve a Gradio page to try the student (and teacher) on images")
     demo.add_argument("path", metavar="RUN_DIR_OR_BUNDLE")

@@ -59,8 +59,9 @@ def distill(run: Run, split: dict, feats: dict, head, items: list, teacher_featu
                          r.train.seed, online=online, n_real=n_real)
     sampler = GlobalBatchSampler(n_real, len(items) - n_real, r.train.batch_size, r.train.seed, r.train.real_fraction)
     rows = train(model, dataset, sampler, r.train, r.loss, folder, key, teacher=TeacherForTraining(run, head),
-                 teacher_features=teacher_features, workers=r.data.num_workers, desc="distill", device=run.device, mixup=r.data.mixup,
-                 cutmix=r.data.cutmix, num_classes=len(split["classes"]), evaluate=validation_hook(run, split, spec))
+                 teacher_features=teacher_features, workers=r.data.num_workers, desc="distill", device=run.device,
+                 mixup=r.data.mixup, cutmix=r.data.cutmix, num_classes=len(split["classes"]),
+                 evaluate=validation_hook(run, split, spec))
     return model, spec, rows
 
 

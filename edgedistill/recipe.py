@@ -4,7 +4,8 @@ This is the leaf every module imports, so it imports nothing from edgedistill bu
 itself a leaf). It holds the frozen dataclasses (each numeric field declares its valid range beside it with ``num``),
 loading (a built-in name or a YAML file, then dotted ``key=value`` overrides), and the value checks: ranges,
 choices, prompt templates. Every problem is a ``RecipeError`` naming the dotted key and what would be valid; unknown
-keys get the nearest one suggested, never auto-corrected. Checking that the registered names a recipe uses exist needs the registries: ``checks.load_checked``.
+keys get the nearest one suggested, never auto-corrected. Checking that the registered names a recipe uses exist
+needs the registries: ``checks.load_checked``.
 """
 import dataclasses
 import difflib
@@ -53,7 +54,7 @@ class DataCfg:
     mixup: float = num(0.0, ge=0)       # Mixup alpha on real images only (P1); 0 disables; needs the online teacher
     cutmix: float = num(0.0, ge=0)      # CutMix alpha on real images only (P3); with mixup too, each batch picks one
     num_workers: int = num(0, ge=0)
-    labels_per_class: int = num(0, ge=0)  # keep N labelled training images per class; the rest become unlabelled (0: all)
+    labels_per_class: int = num(0, ge=0)  # keep N labels per class; the other training images are unlabelled (0: all)
     unlabelled_root: str = ""           # a folder of unlabelled images (any layout), for the distillation terms only
     real_train: bool = True             # False: real train images are not trained on (P4 zero-shot: synthetic only)
 

@@ -74,7 +74,8 @@ def write_report(run: Run, metrics: dict, split: dict):
     r = run.recipe
     lines = [f"# {r.name}", "", r.description, "",
              f"Teacher `{r.teacher.name}` ({metrics['teacher'].get('arch', '')}, "
-             f"{metrics['teacher'].get('weights', '')}) → student `{r.student.name}`; {len(split['classes'])} classes. "
+             f"{metrics['teacher'].get('weights', '')}) → student `{r.student.name}`; "
+             f"{len(split['classes'])} classes. "
              f"Every accuracy is on the {metrics['n_test']} images of the held-out test split unless its table says "
              "otherwise; balanced accuracy is the mean of the per-class recalls.", ""]
     lines += markdown_table([summary_header(metrics)[0]] + summary_rows(metrics))

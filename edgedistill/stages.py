@@ -33,7 +33,8 @@ def stage_split(run: Run) -> dict:
         write_json(path, split)
         if split["skipped"]:
             log.warning("%d unreadable images were skipped (listed in %s)", len(split["skipped"]), path)
-        return {"train": len(split["train"]), "labelled": len(split["labelled"]), "unlabelled": len(split["unlabelled"]),
+        return {"train": len(split["train"]), "labelled": len(split["labelled"]),
+                "unlabelled": len(split["unlabelled"]),
                 "val": len(split["val"]), "test": len(split["test"]), "skipped": len(split["skipped"]),
                 "classes": len(split["classes"])}
 
@@ -113,7 +114,8 @@ def stage_features(run: Run, split: dict) -> dict:
         crop = view_crop(run, t.info.input.to_dict())
         caches = open_caches(run, split, t.feature_dim, crop)
         encoder, runtime = features_teacher(run, split, crop)
-        groups = [("eval", split["val"] + split["test"])] + ([("train", real_items(split))] if r.data.real_train else [])
+        groups = [("eval", split["val"] + split["test"])]
+        groups += [("train", real_items(split))] if r.data.real_train else []
         for name, items in groups:
             n = caches[name].fill(encoder, items, r.data.augment, crop, r.teacher.batch_size, r.data.num_workers,
                                   run.device, desc=f"teacher features ({name})")

@@ -80,7 +80,8 @@ def _torchvision_source(make, classes_attr, images_attr, labels_attr, cfg, train
         raise FileNotFoundError(f"Dataset {cfg.dataset!r} is not in {root} and could not be downloaded "
                                 f"({type(e).__name__}); it downloads on first use with internet") from e
     classes = list(getattr(train, classes_attr)) if classes_attr else sorted(set(getattr(train, labels_attr)))
-    pairs = [[(str(p), int(y)) for p, y in zip(getattr(d, images_attr), getattr(d, labels_attr))] for d in (train, test)]
+    pairs = [[(str(p), int(y)) for p, y in zip(getattr(d, images_attr), getattr(d, labels_attr))]
+             for d in (train, test)]
     return Source([str(c) for c in classes], *pairs)
 
 

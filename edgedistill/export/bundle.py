@@ -163,7 +163,8 @@ def licences(saved: dict) -> dict:
     extra = saved.get("extra") or {}
     student = saved.get("recipe", {}).get("student", {})
     return {"teacher": extra.get("teacher"), "generator": extra.get("generator"),
-            "student_init": student.get("weights") or ("timm pretrained" if student.get("pretrained") else "random")}
+            "student_init": student.get("packaged_weights")
+            or ("timm pretrained" if student.get("pretrained") else "random")}
 
 
 def start_bundle(job: ExportJob, folder: Path, fmt, precision: str, info: dict):

@@ -4,8 +4,9 @@ Every teacher gives ``encode(images) -> features`` (what the teacher-feature cac
 head, ``head(features) -> logits``. Features are what feature distillation targets; logits feed KD. The shared
 pieces (the Teacher class, input specs, heads, capabilities) are in ``base.py``.
 """
-from .base import (CAPABILITIES, TEACHERS, Capabilities, InputSpec, LinearHead, MLPHead, Teacher, TeacherInfo,
-                   WeightsUnavailable, ZeroShotHead, build_head, head_layout, load_head, make_probe_head, save_head)  # noqa: F401
+from .base import (CAPABILITIES, TEACHERS, Capabilities, InputSpec, LinearHead, MLPHead, Teacher,  # noqa: F401
+                   TeacherInfo, WeightsUnavailable, ZeroShotHead, build_head, head_layout, load_head, make_probe_head,
+                   save_head)
 
 
 def build_teacher(cfg) -> Teacher:
