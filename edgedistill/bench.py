@@ -8,8 +8,6 @@ it actually ran with. Writes ``RUN/bench.json`` (a list of rows), ``RUN/bench.md
 (accuracy against latency).
 """
 import logging
-import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,22 +168,11 @@ def prepare_calls(timed: list, batches) -> tuple[dict, dict]:
 
 
 def host_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "cpus_usable": usable, "os": platform.platform(), "gpu": None}
-    try:
-        import torch
+    """``host.host_profile`` plus the keys bench.md prints (cpu, cpu_count, gpu)."""
+    from .host import host_profile
 
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
-    return info
+    profile = host_profile()
+    return {**profile, "cpu_count": profile["cores"], "gpu": profile["gpus"][0] if profile["gpus"] else None}
 
 
 def rows_for(samples: dict, threads: int, warmup: int) -> list:
@@ -222,7 +209,8 @@ def markdown(rows: list, skipped: dict) -> str:
         return "-" if v is None else format(v, fmt)
 
     host = rows[0]["host"] if rows else host_info()
-    lines = [f"Host: {host['cpu']}, {host['cpu_count']} CPUs, GPU: {host['gpu'] or 'none'}", "",
+    lines = [f"Host: {host['cpu']}, {host['cpu_count']} CPUs ({', '.join(host.get('isa') or []) or 'ISA unknown'}), "
+             f"GPU: {host['gpu'] or 'none'}", "",
              "| backend | precision | batch | p50 ms | p90 ms | p99 ms | images/s | x eager | threads | runs with "
              "| top-1 % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

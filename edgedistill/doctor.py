@@ -2,9 +2,8 @@
 recipes run here offline (and, for the others, what they need)."""
 import importlib.metadata
 import importlib.util
-import os
-import platform
-from pathlib import Path
+
+from .host import ISA_FLAGS, host_profile
 
 # (import name, distribution, extra that installs it, what it is for)
 BACKENDS = (("open_clip", "open_clip_torch", "clip", "CLIP teachers"),
@@ -16,10 +15,6 @@ BACKENDS = (("open_clip", "open_clip_torch", "clip", "CLIP teachers"),
             ("nncf", "nncf", "openvino", "OpenVINO INT8"),
             ("tensorrt", "tensorrt", "tensorrt", "TensorRT engines"),
             ("gradio", "gradio", "demo", "the demo"))
-# The instruction-set features that decide INT8 (and FP32) speed and, between them, INT8 rounding.
-ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI",
-             "avx_vnni": "AVX-VNNI", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX", "amx_int8": "AMX-INT8",
-             "asimd": "NEON", "asimddp": "NEON dot product", "sve": "SVE", "i8mm": "INT8 matmul (i8mm)"}
 OFFLINE_TEACHERS = {"efficientnet-lite", "tiny-clip", "tiny-vit", "tiny-cnn"}
 OFFLINE_DATASETS = {"imagefolder", "conformal-clip-data"}
 
@@ -36,33 +31,6 @@ def backend_status() -> list[dict]:
                      "install": "" if present else f"pip install 'edgedistill[{extra}]'"
                      + (" (or JetPack on a Jetson)" if module == "tensorrt" else "")})
     return rows
-
-
-def cpu_flags(cpuinfo: str) -> tuple[str, list[str]]:
-    """(CPU model, the ISA features of ``ISA_FLAGS`` it lists) from the text of /proc/cpuinfo."""
-    model, flags = "", set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware", "cpu model") and not model:
-            model = value.strip()
-        elif key in ("flags", "features"):
-            flags |= set(value.split())
-    return model, [name for flag, name in ISA_FLAGS.items() if flag in flags]
-
-
-def host_profile() -> dict:
-    """The CPU, its INT8-relevant instruction sets, cores and threads, the GPU and the runtimes' versions."""
-    import torch
-
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model, isa = cpu_flags(text)
-    cuda = torch.cuda.is_available()
-    return {"cpu": model or platform.processor() or platform.machine(), "machine": platform.machine(),
-            "isa": isa, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda if cuda else None,
-            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []}
 
 
 def recipe_needs(recipe) -> list[str]:

@@ -13,7 +13,7 @@ Run folder layout::
     RUN/baseline/model.pt    the same student trained CE-only with the same budget
     RUN/metrics.json, RUN/report.md, RUN/confusion-*.png
     RUN/export/<format>-<precision>/, RUN/bench.json   when the recipe asks for export and bench
-    RUN/seed-<k>/            with --seeds N: each seed's training stages, metrics and report
+    RUN/seed-<k>/            with --seeds N: each seed's training stages (stages/evaluate-metrics.json: its figures)
 
 A finished stage whose fingerprint matches is reused; a changed setting reruns that stage and what follows it.
 """

@@ -5,9 +5,8 @@
     python export/run.py bench BUNDLE [--batch 1,8] [--iters 50]
     python export/run.py verify BUNDLE
 
-Images are preprocessed by ``preprocess.py`` beside this file: the single implementation edgedistill itself imports
-for training and evaluation views (through ``edgedistill.runtime``), so an exported model sees exactly the
-tensor the PyTorch student saw. Copy the whole ``export/`` folder to the device.
+Images are preprocessed by ``preprocess.py`` beside this file, the implementation edgedistill itself imports for its
+views (as ``edgedistill.runtime``): the model sees the student's exact tensor. Copy the whole ``export/`` folder.
 """
 import argparse
 import hashlib
@@ -25,12 +24,14 @@ from PIL import Image
 # (python export/run.py from any cwd, on a device that has only this folder) or a top-level `import run`, it is the
 # sibling by its plain name, with this folder first on sys.path: `python -P` and `-I` leave a script's folder off it.
 if __package__:
+    from .hostinfo import cpu_profile
     from .preprocess import load_image, normalize, preprocess
-    from .timing import latency_stats, time_calls
+    from .timing import bench_bundle
 else:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hostinfo import cpu_profile
     from preprocess import load_image, normalize, preprocess
-    from timing import latency_stats, time_calls
+    from timing import bench_bundle
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bundles: a folder with manifest.json and the artifact files it lists with their sha256.
@@ -355,12 +356,6 @@ def compare_scores(ref: np.ndarray, out: np.ndarray) -> dict:
             "max_abs_error": float(np.abs(ref - out).max()), "mean_abs_error": float(np.abs(ref - out).mean())}
 
 
-def bench_bundle(bundle: Bundle, batch: int, warmup: int, iters: int) -> dict:
-    x = np.random.default_rng(0).standard_normal((batch, 3, bundle.spec["size"], bundle.spec["size"]),
-                                                 dtype=np.float32)
-    return latency_stats(time_calls(lambda: bundle.predict(x), warmup, iters), batch)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -403,7 +398,15 @@ def cmd_bench(args) -> int:
 
 def cmd_verify(args) -> int:
     bundle = load_bundle(args.bundle, threads=args.threads)
-    result = reference_check(bundle)
+    result = {**reference_check(bundle), "host": cpu_profile()}
+    export = bundle.manifest.get("parity", {}).get("reference_check")
+    if export:  # INT8 rounding depends on the instruction set: say when this host disagrees with the export host
+        result["export_host"] = {**export, "cpu": bundle.manifest.get("host", {}).get("cpu"),
+                                 "isa": bundle.manifest.get("host", {}).get("isa")}
+        result["same_as_export_host"] = result["top1_agreement"] == export["top1_agreement"]
+        if not result["same_as_export_host"]:
+            print(f"note: top-1 agreement here {result['top1_agreement']:.3f} differs from the export host's "
+                  f"{export['top1_agreement']:.3f} ({result['export_host']['cpu']})", file=sys.stderr)
     print(json.dumps(result, indent=2))
     threshold = bundle.manifest.get("parity", {}).get("threshold", 0.0)
     return 0 if result["top1_agreement"] >= threshold else 1

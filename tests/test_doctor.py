@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 
 from edgedistill.cli import main
-from edgedistill.doctor import cpu_flags
+from edgedistill.host import cpu_flags
 
 X86 = """processor	: 0
 model name	: Intel(R) Xeon(R) Platinum 8480+

@@ -109,6 +109,7 @@ def test_four_bundles_pass_parity_with_full_manifests(exported):
         assert set(m["files"]) >= {m["model_file"], "reference.npz"}
         assert m["accuracy"]["top1"] is not None and m["accuracy"]["fp32_top1"] is not None
         assert "onnxruntime" in m["versions"] and "torch" in m["versions"]
+        assert m["host"]["cores"] >= 1 and isinstance(m["host"]["isa"], list) and m["host"]["cpu"]  # where parity ran
 
 
 def test_fp32_matches_pytorch_closely(exported):

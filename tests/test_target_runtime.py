@@ -81,7 +81,24 @@ def test_bench_and_verify_without_torch(device):
     done = subprocess.run([sys.executable, "export/run.py", "verify", "onnx-int8"], env=env, cwd=device,
                           check=False, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["top1_agreement"] >= 0.97
+    result = json.loads(done.stdout)
+    assert result["top1_agreement"] >= 0.97 and result["host"]["cores"] >= 1
+    # The export host's own figures on the same reference images travel in the manifest; here they are the same
+    # host, so the agreement matches (on another CPU, verify says when it does not).
+    assert result["export_host"]["top1_agreement"] == result["top1_agreement"] and result["same_as_export_host"]
+
+
+def test_verify_says_when_this_host_disagrees_with_the_export_host(device, tmp_path):
+    bundle = tmp_path / "onnx-int8"
+    shutil.copytree(device / "onnx-int8", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["parity"]["reference_check"]["top1_agreement"] = 0.5  # as if exported on a CPU that rounds otherwise
+    manifest["host"]["cpu"] = "Some Other CPU"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    done = subprocess.run([sys.executable, str(device / "export" / "run.py"), "verify", str(bundle)],
+                          env=no_torch_env(device), check=False, capture_output=True, text=True)
+    assert done.returncode == 0 and not json.loads(done.stdout)["same_as_export_host"]
+    assert "differs from the export host's 0.500 (Some Other CPU)" in done.stderr
 
 
 def test_altered_bundle_is_refused_on_the_device(device, tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..host import host_profile
 from ..utils import read_json, sha256_file, write_json
 from .images import Pools, image_pools, read_split, to_inputs
 from .parity import ParitySet, image_set, store_reference
@@ -184,6 +185,7 @@ def start_bundle(job: ExportJob, folder: Path, fmt, precision: str, info: dict):
         "opset": info.get("opset"),
         "quantization": info.get("quantization"),
         "versions": library_versions(),
+        "host": host_profile(),  # the export host: parity was measured here (INT8 rounding depends on the ISA)
         "licences": licences(job.saved),
         "source": {"run": str(job.run_dir.resolve()), "student": job.saved.get("recipe", {}).get("student", {}),
                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
@@ -203,6 +205,7 @@ def finish_bundle(job: ExportJob, folder: Path, outcome: dict) -> dict:
     accuracy["fp32_top1"] = fp32
     accuracy["delta_vs_fp32"] = None if fp32 is None or accuracy["top1"] is None else accuracy["top1"] - fp32
     manifest.update(selection=outcome["selection"], parity=outcome["parity"], accuracy=accuracy)
+    manifest["parity"]["reference_check"] = export_host_reference(folder)
     if manifest.get("quantization"):
         manifest["quantization"]["attempts"] = outcome["attempts"]
     write_json(folder / "manifest.json", manifest)
@@ -211,6 +214,18 @@ def finish_bundle(job: ExportJob, folder: Path, outcome: dict) -> dict:
     folder.rename(final)
     return {"name": name, "path": final, "selection": manifest["selection"], "parity": manifest["parity"],
             "accuracy": accuracy}
+
+
+def export_host_reference(folder: Path) -> dict | None:
+    """``run.py verify``'s figures on this (the export) host, for a device to compare its own with; None when the
+    bundle cannot run here (a TensorRT engine is built on its device)."""
+    from ..runtime.run import BundleError, load_bundle, reference_check
+
+    try:
+        return reference_check(load_bundle(folder, verify=False))
+    except (BundleError, ImportError, RuntimeError) as e:
+        log.info("no export-host reference check for %s: %s", folder.name, e)
+        return None
 
 
 def summary_table(results: list) -> str:
