@@ -228,7 +228,7 @@ def user_message(e: Exception) -> str:
 
 
 def unpickling_message(text: str) -> str:
-    """torch.load(weights_only=True)'s refusal, without its advice to load with weights_only=False (running the
+    """torch.load(weights_only=True)'s refusal, without its advice to turn weights_only off (running the
     file's code) or to allowlist the global: neither is ever the way out here."""
     head, torch_said, _ = text.partition("Weights only load failed")
     file = head.strip(" :") if torch_said else ""  # a loader that re-raises may put the path first

@@ -121,3 +121,9 @@ def test_no_function_outside_the_training_loop_is_over_60_lines():
                 if n > MAX_FUNCTION_LINES and (rel, node.name) not in LONG_FUNCTIONS_ALLOWED:
                     long[f"{rel}:{node.name}"] = n
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_nothing_in_the_library_unpickles():
+    # Run folders and bundles are read as tensors and plain data only: a folder someone sent you cannot run code.
+    found = [str(p.relative_to(ROOT)) for p in library_files() if "weights_only=False" in p.read_text()]
+    assert not found, f"weights_only=False in {found}"
