@@ -148,19 +148,23 @@ def load_run_teacher(run_dir, device: str = "cpu") -> Teacher:
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
     teacher = build_teacher(recipe.teacher)
-    # A seed's folder (RUN/seed-k) or a sweep point (SWEEP/points/p) finds the head in the shared folder above.
-    tuned = next((d / "teacher" / "model.pt" for d in (run_dir, run_dir.parent, run_dir.parent.parent)
-                  if (d / "teacher" / "model.pt").exists()), None)
+    tuned = shared_file(run_dir, "teacher/model.pt")
     if recipe.teacher.mode == "finetune":
-        if tuned is None:
+        if not tuned.exists():
             raise FileNotFoundError(f"{run_dir} has no fine-tuned teacher (teacher/model.pt): finish the run first")
         load_teacher_weights(teacher, tuned)
     teacher.to(device)
-    head = next((d / "probe" / "head.pt" for d in (run_dir, run_dir.parent, run_dir.parent.parent)
-                 if (d / "probe" / "head.pt").exists()), run_dir / "probe" / "head.pt")
+    head = shared_file(run_dir, "probe/head.pt")
     teacher.head = load_head(head, device)
     teacher.class_names = read_json(run_dir / "split.json")["classes"]
     return teacher
+
+
+def shared_file(run_dir: Path, relative: str) -> Path:
+    """``run_dir/relative``, or where a seed's folder (RUN/seed-k) or a sweep point (SWEEP/points/p) finds it: in the
+    shared folder above. The run folder's own path when none exists."""
+    return next((d / relative for d in (run_dir, run_dir.parent, run_dir.parent.parent) if (d / relative).exists()),
+                run_dir / relative)
 
 
 def load_teacher_weights(teacher: Teacher, path):

@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny real-image folder and tiny recipes. Nothing here touches a model hub."""
 import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -53,3 +56,23 @@ def tiny_recipe(image_folder, teacher: str = "tiny-cnn", **sections) -> dict:
 def write_recipe(path, recipe: dict):
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def kill_when(cmd: list, ready, env=None, timeout: float = 300, poll: float = 0.01):
+    """Start ``cmd`` in a process group of its own and SIGKILL the whole group as soon as ``ready()`` is true.
+
+    Fails the test if the command finished before it could be killed (the window to kill in was missed).
+    """
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if ready():
+                break
+        except (RuntimeError, EOFError, OSError):  # a file caught mid-write or mid-rename: look again
+            pass
+        time.sleep(poll)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

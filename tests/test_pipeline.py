@@ -1,7 +1,6 @@
 """End to end through `cli.main`, stage reuse, kill-and-resume, and DDP on CPU."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import torch
 
 from edgedistill.cli import main
 
-from conftest import tiny_recipe, write_recipe
+from conftest import kill_when, tiny_recipe, write_recipe
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -132,17 +131,9 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, image_folder, worke
     subprocess.run(cmd + [str(straight)], env=ENV, check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + [str(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     ckpt = killed / "student" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and torch.load(ckpt, weights_only=False)["epoch"] >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd + [str(killed)], lambda: ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 1,
+              env=ENV, poll=0.05)
     epoch_at_kill = torch.load(ckpt, weights_only=False)["epoch"]
     assert epoch_at_kill < 5 and not (killed / "student" / "model.pt").exists()
 
@@ -172,20 +163,13 @@ def test_kill_during_the_feature_stage_and_resume_matches_uninterrupted_run(tmp_
     subprocess.run(cmd + [str(straight)], env=ENV, check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + [str(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+
     def half_written(flags: Path) -> bool:
         done = np.fromfile(flags, dtype=np.uint8)
         return 0 < done.sum() < done.size
 
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if any(half_written(f) for f in (killed / "cache").glob("train-*/done.u8")):  # filled after "eval"
-            break
-        time.sleep(0.002)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd + [str(killed)],  # the train cache is filled after the "eval" one
+              lambda: any(half_written(f) for f in (killed / "cache").glob("train-*/done.u8")), env=ENV, poll=0.002)
     assert not (killed / "stages" / "features.json").exists(), "killed after the feature stage, not during it"
 
     subprocess.run(cmd + [str(killed)], env=ENV, check=True, capture_output=True, text=True)

@@ -2,11 +2,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +17,7 @@ from edgedistill.evaluate import balanced_accuracy, classification_metrics, macr
 from edgedistill.recipe import LossCfg
 from edgedistill.train import loss_terms
 
-from conftest import make_image_folder, tiny_recipe, write_recipe
+from conftest import kill_when, make_image_folder, tiny_recipe, write_recipe
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -146,20 +143,9 @@ def test_a_killed_teacher_fine_tune_resumes_to_the_same_teacher(tmp_path, image_
     subprocess.run(cmd + [str(tmp_path / "straight")], env=ENV, check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + [str(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     ckpt = killed / "teacher" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 2:
-                break
-        except (RuntimeError, EOFError):  # caught mid-rename on a slow disk: look again
-            pass
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd + [str(killed)], lambda: ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 2,
+              env=ENV)
     assert not (killed / "teacher" / "model.pt").exists(), "killed after the fine-tune finished"
 
     resumed = subprocess.run(cmd + [str(killed)], env=ENV, check=True, capture_output=True, text=True)
