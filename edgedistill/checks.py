@@ -19,13 +19,14 @@ def check_registered_names(recipe: Recipe):
     """Every registered name the recipe uses exists, so a typo never costs a download or a GPU hour."""
     from .corruptions import CORRUPTIONS
     from .data import AUGMENTS, DATASETS
+    from .data.remote import check_dataset
     from .packaged_weights import PACKAGED_WEIGHTS
     from .students import check_timm_name
     from .teachers import TEACHERS
 
     # 1. Names looked up in a registry.
-    pairs = [("teacher.name", recipe.teacher.name, TEACHERS), ("data.dataset", recipe.data.dataset, DATASETS),
-             ("data.augment", recipe.data.augment, AUGMENTS)]
+    check_dataset(recipe.data, DATASETS)  # registered, torchvision/<Class> or hf/<id>; the data.hf_* keys
+    pairs = [("teacher.name", recipe.teacher.name, TEACHERS), ("data.augment", recipe.data.augment, AUGMENTS)]
     if recipe.student.packaged_weights:
         pairs.append(("student.packaged_weights", recipe.student.packaged_weights, PACKAGED_WEIGHTS))
     if recipe.eval.corruptions not in (("default",), ("all",)):
@@ -66,10 +67,13 @@ def naming(keys: str, check, *args):
 def check_combinations(recipe: Recipe):
     """Settings that only make sense together, and what the named teacher can do (its declared capabilities)."""
     from .teachers import capability_problem
+    from .weights import check_weight_paths
 
     problem = capability_problem(recipe.teacher)
     if problem:
         raise RecipeError(problem)
+    check_weight_paths(recipe)  # local weights files and folders exist and are of the kind each loader reads
+    check_losses(recipe)
     if recipe.teacher.mode == "finetune" and recipe.teacher.head not in ("linear", "mlp"):
         raise RecipeError("Recipe key 'teacher.mode' is 'finetune', which trains a new linear or mlp head with the "
                           f"encoder; set teacher.head to linear or mlp (it is {recipe.teacher.head!r})")
@@ -85,3 +89,16 @@ def check_combinations(recipe: Recipe):
                           "there would be nothing to train on")
     if recipe.eval.zero_shot and recipe.teacher.head != "zeroshot":
         raise RecipeError("Recipe key 'eval.zero_shot' needs 'teacher.head: zeroshot' (class text embeddings)")
+    if recipe.eval.student_probe and not recipe.eval.student_probe_lr:
+        raise RecipeError("Recipe key 'eval.student_probe_lr' is empty: give the probe at least one learning rate")
+
+
+def check_losses(recipe: Recipe):
+    """Each active loss's declared constraints (its registry entry): e.g. hint needs the online teacher."""
+    from .losses import active_entries
+
+    for entry in active_entries(recipe.loss):
+        for constraint in entry.constraints:
+            problem = constraint(recipe)
+            if problem:
+                raise RecipeError(problem)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 RESUMABLE = {"run", "sweep", "synth"}  # verbs whose finished stages a re-run reuses
 KNOWN_ERRORS = (("recipe", "RecipeError"), ("data", "DataError"), ("teachers", "WeightsUnavailable"),
-                ("export", "ExportError"), ("runtime.run", "BundleError"))  # (module, exception) exit 2
+                ("export", "ExportError"), ("runtime.run", "BundleError"),
+                ("hub", "HubError"))  # (module, exception) exit 2
 
 
 def _recipe_list(args):
@@ -61,6 +62,34 @@ def _synth(args):
     return 0
 
 
+def _weights_fetch(args):
+    from .checks import load_checked
+    from .weights import fetch
+    from .weights_pack import fetch_into
+
+    recipe = load_checked(args.name, args.overrides)
+    if args.to is None:
+        fetch(recipe)
+    else:
+        fetch_into(recipe, args.to)
+    return 0
+
+
+def _weights_pack(args):
+    from .checks import load_checked
+    from .weights_pack import pack
+
+    pack(load_checked(args.name, args.overrides), args.tar)
+    return 0
+
+
+def _weights_unpack(args):
+    from .weights_pack import unpack
+
+    unpack(args.tar, args.dir)
+    return 0
+
+
 def _export(args):
     from .export import export_run
 
@@ -86,6 +115,13 @@ def _demo(args):
     return 0
 
 
+def _push(args):
+    from .hub import push
+
+    print(push(args.path, args.repo_id, private=args.private, to_dir=args.to_dir))
+    return 0
+
+
 def _doctor(args):
     from .doctor import report
 
@@ -95,6 +131,39 @@ def _doctor(args):
 
 def _csv(value):
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def add_weights_parser(verbs):
+    """``edgedistill weights fetch|pack|unpack``."""
+    weights = verbs.add_parser("weights", help="fetch, pack and unpack the weights a recipe needs (air-gapped sites)")
+    wv = weights.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fetch = wv.add_parser("fetch", help="download every weight a recipe needs into the Hugging Face cache")
+    fetch.add_argument("name", help="built-in recipe name or path to a YAML file")
+    fetch.add_argument("overrides", nargs="*", metavar="key=value")
+    fetch.add_argument("--to", default=None, metavar="DIR",
+                       help="also copy them into DIR with weights.json and a recipe.yaml pointing at them")
+    fetch.set_defaults(fn=_weights_fetch)
+    pack = wv.add_parser("pack", help="one tar of a recipe's weights, sha256 per file, for an air-gapped machine")
+    pack.add_argument("name", help="built-in recipe name or path to a YAML file")
+    pack.add_argument("tar", metavar="OUT.tar")
+    pack.add_argument("overrides", nargs="*", metavar="key=value")
+    pack.set_defaults(fn=_weights_pack)
+    unpack = wv.add_parser("unpack", help="check a pack's sha256s, extract it and write DIR/recipe.yaml")
+    unpack.add_argument("tar", metavar="PACK.tar")
+    unpack.add_argument("dir", metavar="DIR")
+    unpack.set_defaults(fn=_weights_unpack)
+
+
+def add_push_parser(verbs):
+    """``edgedistill push RUN_OR_BUNDLE REPO_ID [--private] [--to-dir DIR]``."""
+    push = verbs.add_parser("push", help="upload a bundle, or a run's student with its bundles, and its model card "
+                            "to a Hugging Face Hub model repo")
+    push.add_argument("path", metavar="RUN_OR_BUNDLE")
+    push.add_argument("repo_id", metavar="REPO_ID", help="owner/name of the Hub model repository (created if absent)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--to-dir", default=None, metavar="DIR",
+                      help="write the files into DIR exactly as they would lie in the repo, instead of uploading")
+    push.set_defaults(fn=_push)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
     synth.add_argument("--shard", default=None, help="i/n: make only this shard of the images")
     synth.set_defaults(fn=_synth)
+    add_weights_parser(verbs)
 
     export = verbs.add_parser("export", help="export a trained student (ONNX, OpenVINO, TensorRT) with a parity check")
     export.add_argument("run_dir")
@@ -143,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=10)
     bench.add_argument("--iters", type=int, default=50)
     bench.set_defaults(fn=_bench)
+
+    add_push_parser(verbs)
 
     verbs.add_parser("doctor", help="optional backends, the host's CPU/GPU, and which recipes run here offline"
                      ).set_defaults(fn=_doctor)

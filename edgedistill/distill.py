@@ -1,17 +1,16 @@
 """The training stages: the distilled student, and the same student trained without a teacher (the baseline)."""
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, losses
 from .data.cache import RealViews
-from .recipe import Recipe, to_plain
+from .recipe import Recipe, fingerprinted, to_plain
 from .run_folder import Run
 from .stages import labelled_items, real_items
 from .students import build_student, save_student, student_input_spec
-from .teachers import ZeroShotHead
+from .teachers import ZeroShotHead, head_layout
 from .train import DistillSet, GlobalBatchSampler, TeacherFeatures, predict, train
 from .utils import fingerprint
 
@@ -87,7 +86,7 @@ def training_items(run: Run, split: dict, views: RealViews | None, synth) -> tup
 def stage_distill(run: Run, split: dict, feats: dict, views, head, synth) -> dict:
     r = run.recipe
     key = fingerprint([run.keys["probe"], run.keys.get("views"), run.keys.get("synth"), to_plain(r.student),
-                       to_plain(r.loss), to_plain(r.train), r.data.augment, r.data.views, r.data.mixup,
+                       to_plain(r.loss), fingerprinted(r.train), r.data.augment, r.data.views, r.data.mixup,
                        r.data.cutmix, r.data.image_size, r.data.crop_pct, r.data.real_train, r.eval.zero_shot,
                        r.eval.synthetic_holdout])
     folder = run.dir / "student"
@@ -116,10 +115,16 @@ def synth_generator_info(recipe: Recipe):
 
 
 class TeacherForTraining:
-    """What the training loop needs of the teacher: features (online) and the frozen head."""
+    """What the training loop needs of the teacher: features (online), the frozen head and the feature size it reads
+    (``dim``), the class text embeddings of a zero-shot head (``text``) and the network a hint loss taps."""
 
     def __init__(self, run: Run, head):
         self.run, self.head = run, head.to(run.device)
+        self.dim = head_layout(head)["dim"]
+        self.text = head.text if isinstance(head, ZeroShotHead) else None
+
+    def network(self):
+        return self.run.teacher().model
 
     def encode(self, x):
         return self.run.teacher().encode(x)
@@ -142,7 +147,7 @@ def stage_baseline(run: Run, split: dict, feats: dict, synth) -> dict:
     n_synth = len(synth_split(run, synth)[0]) if synth is not None else 0
     n_real = len(real_items(split)) if r.data.real_train else 0
     budget = GlobalBatchSampler(n_real, n_synth, r.train.batch_size, r.train.seed, r.train.real_fraction).epoch_size()
-    key = fingerprint([run.keys["features"], to_plain(r.student), to_plain(r.train), r.data.augment, r.data.views,
+    key = fingerprint([run.keys["features"], to_plain(r.student), fingerprinted(r.train), r.data.augment, r.data.views,
                        r.data.image_size, r.data.crop_pct, r.loss.label_smoothing, budget])
     folder = run.dir / "baseline"
 
@@ -153,7 +158,7 @@ def stage_baseline(run: Run, split: dict, feats: dict, synth) -> dict:
         dataset = DistillSet(items, spec.to_dict(), None, r.data.augment, r.data.views, spec.crop_pct,
                              r.train.seed, online=r.train.teacher == "online")
         sampler = GlobalBatchSampler(len(items), 0, r.train.batch_size, r.train.seed, epoch_size=budget)
-        ce_only = dataclasses.replace(r.loss, ce=1.0, kd=0.0, hard_kd=0.0, feature_l2=0.0, align_uniform=0.0)
+        ce_only = losses.only(r.loss, ce=1.0)
         rows = train(model, dataset, sampler, r.train, ce_only, folder, key, workers=r.data.num_workers,
                      desc="baseline", device=run.device, evaluate=validation_hook(run, split, spec))
         if distributed.is_main():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .recipe import LossCfg, to_plain
+from .recipe import LossCfg, fingerprinted, to_plain
 from .run_folder import Run
 from .stages import labelled_items
 from .teachers import build_teacher, make_probe_head, save_head
@@ -40,7 +40,7 @@ def stage_finetune(run: Run, split: dict) -> dict | None:
     items = labelled_items(split)
     cfg = dataclasses.replace(r.train, epochs=t.finetune_epochs, lr=t.finetune_lr, batch_size=t.finetune_batch_size,
                               eval_every=0, compile=False)
-    key = fingerprint([run.keys["split"], to_plain(t), r.data.augment, r.data.crop_pct, to_plain(cfg), items])
+    key = fingerprint([run.keys["split"], to_plain(t), r.data.augment, r.data.crop_pct, fingerprinted(cfg), items])
     folder = run.shared / "teacher"
 
     def compute():

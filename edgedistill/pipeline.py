@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed
+from .card import write_run_cards
 from .checks import check_combinations
 from .distill import stage_baseline, stage_distill
 from .finetune import stage_finetune
@@ -17,6 +18,7 @@ from .report import mean_or_none, print_summary, write_report
 from .run_folder import Run, stage_timings, with_seed
 from .stages import stage_features, stage_head, stage_split, stage_synth, stage_views
 from .suites import stage_evaluate
+from .tensorboard_log import check_tensorboard
 from .utils import atomic_write_text, fingerprint, write_json
 
 
@@ -27,13 +29,16 @@ def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dic
     run = Run(out, recipe, shared_dir)
     distributed.init_from_env(run.device)
     check_combinations(recipe)
+    check_tensorboard(recipe.train)  # an optional logger that is not installed fails before any work
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
     t0 = time.perf_counter()
 
-    # 2. Shared stages: split (a bad data folder is reported before any weights load), then every hub weight at
-    #    once, the fine-tuned teacher (when asked for), teacher features, teacher head, synthetic data.
+    # 2. Shared stages: a dataset fetched by name (when it cannot be, every missing download in one message), the
+    #    split (a bad data folder is reported before any weights load), then every hub weight at once, the
+    #    fine-tuned teacher (when asked for), teacher features, teacher head, synthetic data.
+    preflight_data(run)
     split = stage_split(run)
     preflight_weights(run)
     stage_finetune(run, split)
@@ -70,28 +75,45 @@ def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dic
         metrics["timings"] = stage_timings(seed_runs, time.perf_counter() - t0)
         write_json(out / "metrics.json", metrics)
         write_report(run, metrics, split)
+        write_run_cards(out)  # README.md model cards: the run's and each bundle's, now with metrics and bench
         print_summary(out, metrics)
     distributed.barrier()
     return metrics
 
-def preflight_weights(run: Run):
-    """Load hub weights before any data work, so a missing download is what gets reported, all at once."""
+def preflight_data(run: Run):
+    """A dataset fetched by name (torchvision/<Class>, hf/<id>) downloads now when absent; when it cannot, the one
+    message names it and every missing weight (``preflight_weights``)."""
+    from .data.remote import missing_downloads
+
+    problems = missing_downloads(run.recipe.data) if distributed.is_main() else []
+    if problems:
+        preflight_weights(run, problems)
+
+
+def preflight_weights(run: Run, problems=()):
+    """Load hub weights before any data work, so a missing download is what gets reported, all at once (with
+    ``problems``, the missing datasets); then record where every weight came from (``RUN/weights.json``)."""
     from .students import create_backbone
     from .teachers import WeightsUnavailable
 
-    problems = []
+    problems = list(problems)
     if not (run.shared / "stages" / "features.json").exists():
         try:
             run.teacher()
         except WeightsUnavailable as e:
             problems.append(str(e))
-    if run.recipe.student.pretrained and not (run.dir / "stages" / "distill.json").exists():
+    student = run.recipe.student
+    if (student.pretrained or student.weights) and not (run.dir / "stages" / "distill.json").exists():
         try:  # kept: the training stages start from copies of it instead of building their own
             run.pretrained_backbone = create_backbone(run.recipe.student)
         except WeightsUnavailable as e:
             problems.append(str(e))
     if problems:
         raise WeightsUnavailable("\n  ".join(problems))
+    if distributed.is_main():
+        from .weights import write_provenance
+
+        write_provenance(run)  # RUN/weights.json: where each weight came from, and its sha256
 
 
 def combine_seeds(run: Run, results: list[dict]) -> dict:
@@ -116,7 +138,7 @@ def combine_seeds(run: Run, results: list[dict]) -> dict:
         merged["per_class"] = {c: mean_or_none([m[name]["per_class"][c] for m in results]) for c in classes}
         merged["confusion"] = np.sum([m[name]["confusion"] for m in results], axis=0).tolist()
         metrics[name] = merged
-    for extra in ("robustness", "gap", "spurious"):  # per-seed suites: seed 0's tables, labelled as such
+    for extra in ("robustness", "gap", "spurious", "student_probe"):  # per-seed suites: seed 0's, labelled so
         if isinstance(metrics.get(extra), dict) and "markdown" in metrics[extra]:
             title, _, rest = metrics[extra]["markdown"].partition("\n")
             metrics[extra] = {**metrics[extra], "seed": 0, "markdown": f"{title} (seed 0)\n{rest}"}

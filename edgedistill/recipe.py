@@ -36,10 +36,16 @@ def one_of(*choices: str):
     return field(default=choices[0], metadata={"choices": choices})
 
 
+def any_of(*choices: str, logging_only: bool = False):
+    """A list of texts, each one of ``choices``; empty by default. ``logging_only``: it changes what is logged,
+    never what is computed, so stage fingerprints leave it out (``fingerprinted``)."""
+    return field(default=(), metadata={"choices": choices, "logging_only": logging_only})
+
+
 @dataclass(frozen=True)
 class DataCfg:
-    dataset: str = "imagefolder"        # a name in data.DATASETS
-    root: str = ""                      # folder for imagefolder; download/cache folder for torchvision sets
+    dataset: str = "imagefolder"        # a name in data.DATASETS, torchvision/<Class> or hf/<Hugging Face id>
+    root: str = ""                      # folder for imagefolder; download/cache folder for torchvision and hf sets
     classes: tuple[str, ...] = ()       # class names; empty: the dataset's own
     prompt_names: dict[str, str] = field(default_factory=dict)  # class -> name in text prompts ("Abyssinian cat")
     superclass: str = ""                # e.g. "pet", used by "which is a type of {superclass}" prompts
@@ -57,6 +63,11 @@ class DataCfg:
     labels_per_class: int = num(0, ge=0)  # keep N labels per class; the other training images are unlabelled (0: all)
     unlabelled_root: str = ""           # a folder of unlabelled images (any layout), for the distillation terms only
     real_train: bool = True             # False: real train images are not trained on (P4 zero-shot: synthetic only)
+    hf_config: str = ""                 # hf/<id>: the dataset's configuration (subset); "": its default
+    hf_split: str = "train"             # hf/<id>: the split trained on (data.val_fraction is carved from it)
+    hf_test_split: str = "test"         # hf/<id>: the held-out split; "": data.test_fraction of hf_split instead
+    hf_image_column: str = ""           # hf/<id>: "": the dataset's one Image column
+    hf_label_column: str = ""           # hf/<id>: "": its one ClassLabel column (whose names are the class names)
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,7 @@ class TeacherCfg:
     name: str = "efficientnet-lite"     # a name in teachers.TEACHERS
     arch: str = ""                      # open_clip arch, timm model name, or lite0/lite2
     pretrained: str = ""                # open_clip tag or timm pretrained tag; "" for the teacher's default
+    weights: str = ""                   # local weights instead of the hub's: open_clip file/folder or timm file
     image_size: int = num(0, ge=0)      # 0: the model's own
     head: str = one_of("linear", "mlp", "zeroshot", "native")  # linear/mlp probed, zeroshot (text head), native
     mode: str = one_of("probe", "finetune")  # finetune: encoder and linear/mlp head trained end to end on the labels
@@ -90,22 +102,54 @@ class StudentCfg:
     name: str = "mobilenetv3_small_100"  # any timm model name
     pretrained: bool = False            # timm hub weights (needs internet on first use)
     packaged_weights: str = ""          # offline weights a package ships: a name in packaged_weights.PACKAGED_WEIGHTS
+    weights: str = ""                   # a local timm state dict file (.safetensors/.pth) instead of hub weights
     embed_dim: int = num(0, ge=0)       # projection size for feature losses; 0: the teacher's feature size
     drop_path: float = num(0.0, ge=0, lt=1)
     drop_rate: float = num(0.0, ge=0, lt=1)
     model_kwargs: dict[str, typing.Any] = field(default_factory=dict)  # extra timm create_model arguments
 
 
+def weight():
+    """A loss weight (>= 0; 0, the default, is off): ``loss.<name>`` selects the loss registered as <name>."""
+    return field(default=0.0, metadata={"range": {">=": 0}, "weight": True})
+
+
 @dataclass(frozen=True)
 class LossCfg:
-    ce: float = num(0.0, ge=0)          # cross-entropy on real labels (task term)
-    kd: float = num(0.0, ge=0)          # Hinton KD, T^2 KL(teacher || student) (P1/P3)
-    hard_kd: float = num(0.0, ge=0)     # CE against the teacher's argmax (P1 Table I)
-    feature_l2: float = num(0.0, ge=0)  # L2 between normalised embeddings (P4)
-    align_uniform: float = num(0.0, ge=0)  # alignment + uniformity with projectors (P2)
-    temperature: float = num(2.0, gt=0)
-    label_smoothing: float = num(0.0, ge=0, lt=1)
-    proj_dim: int = num(128, ge=1)      # projector size for align_uniform
+    ce: float = weight()                # cross-entropy on real labels (task term)
+    kd: float = weight()                # Hinton KD, T^2 KL(teacher || student) (P1/P3)
+    hard_kd: float = weight()           # CE against the teacher's argmax (P1 Table I)
+    feature_l2: float = weight()        # L2 between normalised embeddings (P4)
+    align_uniform: float = weight()     # alignment + uniformity with projectors (P2)
+    dkd: float = weight()               # decoupled KD: dkd_alpha * TCKD + dkd_beta * NCKD at `temperature` (P1, P3)
+    dist: float = weight()              # DIST: Pearson inter- and intra-class relations (P3)
+    bkl: float = weight()               # binary KL, sigmoid student against softmax teacher (P3 Eq. 3)
+    bce: float = weight()               # BCE label loss on real labels (P3 Table 4, as RSB)
+    crd: float = weight()               # CRD: MLP projectors and a memory of negatives (P1/P2/P3)
+    infonce: float = weight()           # InfoNCE between student and teacher projections (P2 Eq. 1)
+    srrl: float = weight()              # student features -> connector -> teacher classifier (P2); linear/mlp head
+    hint: float = weight()              # hint on an intermediate feature map, 1x1 adapter (P3 Eq. 2); online teacher
+    contrastive: float = weight()       # image-image contrastive loss, learnable temperature (P4 App. A.7)
+    clip_caption: float = weight()      # CLIP loss against class-caption text embeddings (P4); teacher.head zeroshot
+    multi_positive: float = weight()    # multi-positive loss over class captions (P4 App. A.15); teacher.head zeroshot
+    temperature: float = num(2.0, gt=0)  # kd and dkd
+    label_smoothing: float = num(0.0, ge=0, lt=1)  # ce and bce
+    proj_dim: int = num(128, ge=1)      # projector size for align_uniform, infonce and crd
+    dkd_alpha: float = num(1.0, ge=0)   # TCKD weight (mdistiller: 1)
+    dkd_beta: float = num(8.0, ge=0)    # NCKD weight (mdistiller: 8 on CIFAR, 0.5 on ImageNet)
+    dist_beta: float = num(1.0, ge=0)   # inter-class relation weight
+    dist_gamma: float = num(1.0, ge=0)  # intra-class relation weight
+    dist_tau: float = num(1.0, gt=0)    # DIST's softmax temperature
+    crd_negatives: int = num(4096, ge=1)  # memory slots drawn as negatives per image
+    crd_tau: float = num(0.07, gt=0)
+    crd_momentum: float = num(0.5, ge=0, lt=1)  # memory update: m <- momentum * m + (1 - momentum) * z
+    infonce_tau: float = num(0.1, gt=0)
+    hint_layer: str = ""                # student backbone module (e.g. blocks.3); "": its last stage (feature_info)
+    hint_teacher_layer: str = ""        # module of the teacher's network; "": its last stage (feature_info)
+    hint_norm: str = one_of("l2", "l1")
+    contrastive_tau: float = num(0.07, gt=0)  # initial value; learnt
+    clip_caption_tau: float = num(0.07, gt=0)  # initial value; learnt
+    multi_positive_tau: float = num(0.1, gt=0)
 
 
 @dataclass(frozen=True)
@@ -127,12 +171,14 @@ class TrainCfg:
     seed: int = num(0, ge=0, le=SEED_MAX)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     eval_every: int = num(0, ge=0)      # top-1 on the validation split every N epochs into log.jsonl (0: never)
+    log: tuple[str, ...] = any_of("tensorboard", logging_only=True)  # also log to RUN/<stage>/tb/ (TensorBoard)
 
 
 @dataclass(frozen=True)
 class SynthCfg:
     generator: str = "tiny-sd"          # a name in data.generators.GENERATORS
     model_id: str = ""                  # hub id; "" for the generator's default
+    weights: str = ""                   # a local diffusers pipeline folder, loaded instead of model_id
     images_per_class: int = num(0, ge=0)  # set this or times_train (0: unset)
     times_train: float = num(0.0, ge=0)  # alternatively n x the real train set (P1/P2)
     steps: int = num(0, ge=0)           # 0: the generator's default
@@ -168,6 +214,9 @@ class EvalCfg:
     spurious: str = one_of("", "patch", "background")  # P4's spurious-cue probe (trains one more student)
     synthetic_holdout: float = num(0.1, ge=0, le=0.5)  # share of kept synthetic images held out (synthetic-to-real gap)
     zero_shot: bool = False             # student scored through the teacher's text embeddings (CLIP-aligned)
+    student_probe: bool = False         # P4: linear probes of the student's features, real vs synthetic training images
+    student_probe_epochs: int = num(200, ge=1)  # full-batch Adam steps, fixed up front
+    student_probe_lr: tuple[float, ...] = num((1e-3, 1e-2, 1e-1), gt=0)  # the one scoring best on val is kept
 
 
 @dataclass(frozen=True)
@@ -303,10 +352,9 @@ def check_values(recipe: Recipe):
     """Every declared range and choice, the prompt templates, and that some loss is on."""
     check_fields(recipe, "")
     check_templates(recipe)
-    loss = recipe.loss
-    if not any((loss.ce, loss.kd, loss.hard_kd, loss.feature_l2, loss.align_uniform)):
-        raise RecipeError("Recipe section 'loss' sets no loss weight: set at least one of ce, kd, hard_kd, "
-                          "feature_l2, align_uniform")
+    weights = [f.name for f in dataclasses.fields(recipe.loss) if f.metadata.get("weight")]
+    if not any(getattr(recipe.loss, name) for name in weights):
+        raise RecipeError(f"Recipe section 'loss' sets no loss weight: set at least one of {', '.join(weights)}")
 
 
 def check_fields(section, prefix: str):
@@ -315,10 +363,13 @@ def check_fields(section, prefix: str):
         value, dotted = getattr(section, f.name), f"{prefix}.{f.name}" if prefix else f.name
         if dataclasses.is_dataclass(value):
             check_fields(value, dotted)
-        elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            close = difflib.get_close_matches(value, f.metadata["choices"], n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"Recipe key {dotted!r} is {value!r}.{hint} Allowed: {list(f.metadata['choices'])}")
+        elif "choices" in f.metadata:
+            for v in value if isinstance(value, tuple) else (value,):  # any_of: every item is one of the choices
+                if v not in f.metadata["choices"]:
+                    close = difflib.get_close_matches(v, f.metadata["choices"], n=1)
+                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    raise RecipeError(f"Recipe key {dotted!r} is {value!r}.{hint} Allowed: "
+                                      f"{list(f.metadata['choices'])}")
         elif "range" in f.metadata:
             check_range(dotted, value, f.metadata["range"])
 
@@ -360,6 +411,12 @@ def to_plain(obj):
     if isinstance(obj, dict):
         return {k: to_plain(v) for k, v in obj.items()}
     return obj
+
+
+def fingerprinted(section) -> dict:
+    """``to_plain(section)`` less its ``logging_only`` fields: what a stage's fingerprint depends on."""
+    return {k: v for k, v in to_plain(section).items()
+            if not next(f for f in dataclasses.fields(section) if f.name == k).metadata.get("logging_only")}
 
 
 def dump_recipe(recipe: Recipe) -> str:

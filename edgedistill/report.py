@@ -83,7 +83,7 @@ def write_report(run: Run, metrics: dict, split: dict):
     lines += seeds_section(metrics) + ["## Recall per class %", ""]
     lines += markdown_table([("class", *(n for n in MODELS if n in metrics))] + recall_rows(metrics, split["classes"]))
     lines += confusion_section(run, metrics, split["classes"])
-    for extra in ("robustness", "synthetic", "spurious", "gap"):
+    for extra in ("robustness", "synthetic", "spurious", "gap", "student_probe"):
         if extra in metrics and isinstance(metrics[extra], dict) and "markdown" in metrics[extra]:
             lines += ["", metrics[extra]["markdown"]]
     lines += stages_section(metrics.get("timings", {}))

@@ -69,6 +69,8 @@ def folder_listing(d, root=None) -> str:
         import conformal_clip_data
 
         root = Path(conformal_clip_data.textile_simulated_root())
+    elif d.dataset.startswith("hf/"):  # which splits and columns are read
+        return fingerprint([d.hf_config, d.hf_split, d.hf_test_split, d.hf_image_column, d.hf_label_column])
     else:
         return ""
     if not root.is_dir():
@@ -80,9 +82,12 @@ def folder_listing(d, root=None) -> str:
 
 def teacher_key(run: Run) -> str:
     """What the teacher's features depend on: its settings and, when fine-tuned, the fine-tuning stage's key."""
+    from .local_weights import weights_id
+
     t = run.recipe.teacher
+    local = [weights_id(t.weights)] if t.weights else []  # the file's sha256, not its path: where it lies is moot
     return fingerprint([t.name, t.arch, t.pretrained, t.image_size, t.n_cls_blocks, t.avgpool, t.pool, t.width,
-                        t.depth, t.embed_dim, t.runtime, run.keys.get("finetune")])
+                        t.depth, t.embed_dim, t.runtime, run.keys.get("finetune")] + local)
 
 
 def open_caches(run: Run, split: dict, tdim: int, crop: float) -> dict:

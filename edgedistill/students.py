@@ -28,7 +28,7 @@ class Student(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, embed_dim: int = 0, classifier: bool = True,
-                 zero_shot: ZeroShotHead | None = None, au_dim: int = 0, teacher_dim: int = 0):
+                 zero_shot: ZeroShotHead | None = None):
         super().__init__()
         self.backbone = backbone
         # What the backbone returns with num_classes=0: after a pre-logits head (MobileNetV3's conv_head) that is
@@ -36,13 +36,9 @@ class Student(nn.Module):
         F = getattr(backbone, "head_hidden_size", None) or backbone.num_features
         self.proj = nn.Linear(F, embed_dim) if embed_dim else None
         self.classifier = nn.Linear(F, num_classes) if classifier else None
-        self.zero_shot = zero_shot
-        # P2's alignment/uniformity projectors; training-only, never exported.
-        self.au_student = nn.Sequential(nn.Linear(F, F), nn.ReLU(), nn.Linear(F, au_dim)) if au_dim else None
-        self.au_teacher = nn.Sequential(nn.Linear(teacher_dim, teacher_dim), nn.ReLU(),
-                                        nn.Linear(teacher_dim, au_dim)) if au_dim else None
+        self.zero_shot = zero_shot  # losses' projectors live with the losses (objective.py), never in the student
 
-    def forward(self, x, teacher_features=None):
+    def forward(self, x):
         f = self.backbone(x)
         out = {"features": f}
         if self.proj is not None:
@@ -51,10 +47,6 @@ class Student(nn.Module):
             out["logits"] = self.classifier(f)
         elif self.zero_shot is not None:
             out["logits"] = self.zero_shot(out["embedding"])
-        if self.au_student is not None and teacher_features is not None:
-            # Inside forward so DDP sees the projectors used in the step.
-            out["au_student"] = nn.functional.normalize(self.au_student(f), dim=-1)
-            out["au_teacher"] = nn.functional.normalize(self.au_teacher(teacher_features), dim=-1)
         return out
 
 
@@ -82,8 +74,9 @@ def create_backbone(cfg) -> nn.Module:
         model = load_packaged_weights(cfg.packaged_weights)
         model.reset_classifier(0)
         return model
-    if cfg.pretrained:
-        return create_timm(cfg.name, True, f"Student {cfg.name!r}", num_classes=0, drop_rate=cfg.drop_rate, **kwargs)
+    if cfg.pretrained or cfg.weights:  # student.weights: a local state dict file, loaded as timm loads hub weights
+        return create_timm(cfg.name, True, f"Student {cfg.name!r}", cfg.weights, "student.weights", num_classes=0,
+                           drop_rate=cfg.drop_rate, **kwargs)
     # Random initialisation draws from torch's global RNG, which build_student seeds from the recipe's seed.
     return timm.create_model(cfg.name, pretrained=False, num_classes=0, drop_rate=cfg.drop_rate, **kwargs)
 
@@ -95,9 +88,10 @@ def build_student(recipe, num_classes: int, teacher_dim: int, text_embeddings: t
     ``backbone``: one already built from ``recipe.student`` (e.g. when its hub weights were fetched up front), used
     as it is instead of building another.
     """
+    from .losses import active_needs
     from .utils import derived_seed
 
-    loss = recipe.loss
+    needs = active_needs(recipe.loss)  # what the recipe's losses read from the student: logits, embedding
     # Random initialisation draws from torch's global RNG: seed it from the recipe so the initial weights do not
     # depend on which stages happened to run before in this process, and seed the heads on their own so they are
     # the same whether the backbone was built here or handed in.
@@ -107,14 +101,13 @@ def build_student(recipe, num_classes: int, teacher_dim: int, text_embeddings: t
     torch.manual_seed(derived_seed("student-heads", recipe.train.seed))
     if baseline:
         return Student(backbone, num_classes)
-    feature = loss.feature_l2 > 0 or recipe.eval.zero_shot
+    feature = "embedding" in needs or recipe.eval.zero_shot
     embed_dim = (recipe.student.embed_dim or teacher_dim) if feature else 0
     zero_shot = ZeroShotHead(text_embeddings) if recipe.eval.zero_shot and text_embeddings is not None else None
-    classifier = not recipe.eval.zero_shot and (loss.ce > 0 or loss.kd > 0 or loss.hard_kd > 0)
+    classifier = not recipe.eval.zero_shot and "logits" in needs
     if zero_shot is None and not classifier and embed_dim == 0:
         classifier = True
-    au_dim = loss.proj_dim if loss.align_uniform > 0 else 0
-    return Student(backbone, num_classes, embed_dim, classifier, zero_shot, au_dim, teacher_dim)
+    return Student(backbone, num_classes, embed_dim, classifier, zero_shot)
 
 
 def student_input_spec(recipe, backbone: nn.Module | None = None) -> InputSpec:
@@ -134,7 +127,7 @@ def save_student(path, student: Student, recipe, class_names, spec: InputSpec, e
 
     atomic_torch_save({"state_dict": student.state_dict(), "recipe": recipe.to_dict(), "class_names": list(class_names),
                        "input": spec.to_dict(), "num_classes": len(class_names),
-                       "teacher_dim": student.au_teacher[0].in_features if student.au_teacher is not None else 0,
+                       "teacher_dim": student.proj.out_features if student.proj is not None else 0,
                        "extra": extra or {}}, path)
 
 
@@ -152,7 +145,8 @@ def load_student(path_or_run, which: str = "student") -> tuple[Student, dict]:
         raise FileNotFoundError(f"No trained student at {path}: run `edgedistill recipe run` into that folder first")
     saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     recipe = build(Recipe, saved["recipe"], "")
-    state = saved["state_dict"]
+    # Students saved before the losses owned their projectors carried P2's (training-only) ones: not part of the model.
+    state = {k: v for k, v in saved["state_dict"].items() if not k.startswith(("au_student.", "au_teacher."))}
     text = state.get("zero_shot.text")
     baseline = which == "baseline"
     student = build_student_from_state(recipe, saved, text, baseline)
@@ -164,7 +158,7 @@ def build_student_from_state(recipe, saved, text, baseline):
     from dataclasses import replace
 
     # Rebuild without downloading: the state dict replaces every weight anyway.
-    offline = replace(recipe, student=replace(recipe.student, pretrained=False, packaged_weights=""))
+    offline = replace(recipe, student=replace(recipe.student, pretrained=False, packaged_weights="", weights=""))
     if recipe.student.packaged_weights:  # packaged weights also fix the architecture name
         name = {"efficientnet-lite0": "tf_efficientnet_lite0", "efficientnet-lite2": "tf_efficientnet_lite2"}
         offline = replace(offline, student=replace(offline.student, name=name.get(recipe.student.packaged_weights,

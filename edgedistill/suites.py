@@ -1,5 +1,6 @@
-"""The evaluation stage and its suites: held-out metrics, common corruptions, the synthetic-to-real gap and the
-spurious-cue probe. Every figure is on the held-out test split unless its table says otherwise."""
+"""The evaluation stage and its suites: held-out metrics, common corruptions, the synthetic-to-real gap, the
+spurious-cue probe and the linear probe of the student (``student_probe``). Every figure is on the held-out test
+split unless its table says otherwise."""
 import io
 
 import numpy as np
@@ -13,6 +14,7 @@ from .recipe import to_plain
 from .report import fmt
 from .run_folder import STAGE_VERSIONS, Run
 from .stages import teacher_key, view_crop
+from .student_probe import evaluate_student_probe
 from .students import LogitsOnly, load_student
 from .train import TeacherFeatures, predict
 from .utils import atomic_write_bytes, fingerprint, read_json, write_json
@@ -53,6 +55,8 @@ def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, base
         metrics["gap"] = evaluate_gap(run, split, head, synth, metrics, *loaded["student"])
         if r.eval.spurious:
             metrics["spurious"] = evaluate_spurious(run, split, feats, head, student["key"])
+        if r.eval.student_probe:
+            metrics["student_probe"] = evaluate_student_probe(run, split, synth, *loaded["student"])
         for name in ("teacher", "student", "baseline"):
             if name in metrics:
                 plot_confusion(metrics[name]["confusion"], classes, run.dir / f"confusion-{name}.png",

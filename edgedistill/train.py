@@ -15,9 +15,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import distributed, losses
+from . import distributed
 from .data import resize_normalize, view_image
 from .data.cache import view_seed
+from .objective import Objective, loss_terms  # noqa: F401 (loss_terms: one batch's terms, for quick checks)
+from .tensorboard_log import ScalarLog
 from .utils import atomic_torch_save, atomic_write_text, derived_seed, progress
 
 log = logging.getLogger(__name__)
@@ -124,24 +126,6 @@ class GlobalBatchSampler(Sampler):
             yield order[b * self.batch:(b + 1) * self.batch][self.rank::self.world].tolist()
 
 
-def loss_terms(out: dict, t_feat, t_logits, labels, w, temperature: float, label_smoothing: float) -> dict:
-    """Each weighted term of the recipe's loss; synthetic/unlabelled images (label -1) never feed the task term."""
-    terms = {}
-    logits = out.get("logits")
-    labelled = labels >= 0 if labels.dim() == 1 else labels.sum(-1) > 0
-    if w.ce and labelled.any():
-        terms["ce"] = losses.cross_entropy(logits[labelled], labels[labelled], label_smoothing)
-    if w.kd:
-        terms["kd"] = losses.kd(logits, t_logits, temperature)
-    if w.hard_kd:
-        terms["hard_kd"] = losses.hard_kd(logits, t_logits)
-    if w.feature_l2:
-        terms["feature_l2"] = losses.feature_l2(out["embedding"], t_feat)
-    if w.align_uniform:
-        terms["align_uniform"] = losses.align_uniform(out["au_student"], out["au_teacher"])
-    return terms
-
-
 def lr_lambda(cfg, steps_per_epoch: int):
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     total = max(1, cfg.epochs * steps_per_epoch)
@@ -180,9 +164,10 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
         model.to(memory_format=torch.channels_last)
     if teacher is not None:
         teacher.to(device)
-    net = DistributedDataParallel(model, device_ids=[device] if cuda else None) if world > 1 else model
+    objective = Objective.for_dataset(model, weights, teacher, dataset, num_classes, cfg.seed, device)
+    net = DistributedDataParallel(objective, device_ids=[device] if cuda else None) if world > 1 else objective
     step_fn = torch.compile(net) if cfg.compile else net
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(objective, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, len(sampler)))
     # Workers are started anew each epoch: a persistent worker keeps its copy of the dataset at epoch 0 forever.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
@@ -194,14 +179,15 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt.get("key") == key:
-            model.load_state_dict(ckpt["model"])
+            objective.load(ckpt)  # the student's weights and the loss modules' state
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             start, rows = ckpt["epoch"] + 1, ckpt["log"]
             if distributed.is_main():
                 log.info("%s: resuming from the checkpoint after epoch %d of %d", desc, start, cfg.epochs)
 
-    # 3. Epochs.
+    # 3. Epochs (each row also to TensorBoard when train.log asks for it).
+    scalars = ScalarLog(cfg, out_dir)
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -222,15 +208,12 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
                                                   num_classes, cutmix)
                 t_logits = teacher.logits(t_feat)
             with amp:
-                out = step_fn(xs, teacher_features=t_feat) if weights.align_uniform else step_fn(xs)
-                out = {k: v.float() for k, v in out.items()}
-                terms = loss_terms(out, t_feat, t_logits, labels, weights, weights.temperature,
-                                   weights.label_smoothing)
-                loss = sum(getattr(weights, k) * v for k, v in terms.items())
+                terms = step_fn(xs, objective.inputs(t_feat, t_logits, labels, idx))
+                loss = objective.total(terms)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             seen += len(xs) * world
@@ -248,10 +231,14 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
             log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs,
                      ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch",)))
             atomic_torch_save({"key": key, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "log": rows}, ckpt_path)
+                               "scheduler": sched.state_dict(), "losses": objective.loss_state(), "log": rows},
+                              ckpt_path)
             # Rewritten whole from the checkpoint's rows: a restarted stage never keeps a killed run's extra rows.
             atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))
+            scalars.add_row(row)
         distributed.barrier()
+    scalars.close()
+    objective.close()
     return rows
 
 

@@ -127,3 +127,13 @@ def test_nothing_in_the_library_unpickles():
     # Run folders and bundles are read as tensors and plain data only: a folder someone sent you cannot run code.
     found = [str(p.relative_to(ROOT)) for p in library_files() if "weights_only=False" in p.read_text()]
     assert not found, f"weights_only=False in {found}"
+
+
+def test_every_library_package_ships_in_the_wheel():
+    """pyproject lists packages by name: a new sub-package left off that list is missing from the built wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "edgedistill").rglob("__init__.py")
+             if "__pycache__" not in p.parts}
+    assert found <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"

@@ -5,7 +5,6 @@ DDP ranks and the teacher-feature cache all see the same augmented view of the s
 """
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +12,13 @@ from PIL import Image
 
 from ..registry import Registry
 from ..runtime.preprocess import center_crop_box, preprocess, resize_normalize, to_rgb
+from .remote import remote_name, remote_source
+from .source import DataError, Source  # noqa: F401 (DataError: raised here, caught by name in cli)
 
 log = logging.getLogger(__name__)
 DATASETS = Registry("dataset")
 AUGMENTS = Registry("augmentation preset")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-
-
-class DataError(ValueError):
-    """The data a recipe points at cannot train a classifier as given: fewer than two classes, a class with no
-    (readable) images. The message names the dataset and the classes concerned."""
-
-
-@dataclass
-class Source:
-    """What a dataset provides: class names and (path, label) lists; ``test`` is empty when it has no test split."""
-
-    classes: list
-    train: list
-    test: list
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,43 +59,22 @@ def conformal_clip_data(cfg) -> Source:
     return scan_image_folder(conformal_clip_data.textile_simulated_root())
 
 
-def _torchvision_source(make, classes_attr, images_attr, labels_attr, cfg, train_split, test_split) -> Source:
-    root = Path(cfg.root or "~/.cache/edgedistill/datasets").expanduser()
-    try:
-        train, test = make(root, train_split), make(root, test_split)
-    except Exception as e:
-        raise FileNotFoundError(f"Dataset {cfg.dataset!r} is not in {root} and could not be downloaded "
-                                f"({type(e).__name__}); it downloads on first use with internet") from e
-    classes = list(getattr(train, classes_attr)) if classes_attr else sorted(set(getattr(train, labels_attr)))
-    pairs = [[(str(p), int(y)) for p, y in zip(getattr(d, images_attr), getattr(d, labels_attr))]
-             for d in (train, test)]
-    return Source([str(c) for c in classes], *pairs)
-
-
 @DATASETS.register("oxford-pets")
 def oxford_pets(cfg) -> Source:
-    """Oxford-IIIT Pets (37 breeds) through torchvision: trainval / test."""
-    from torchvision.datasets import OxfordIIITPet
-
-    return _torchvision_source(lambda r, s: OxfordIIITPet(r, split=s, download=True), "classes", "_images", "_labels",
-                               cfg, "trainval", "test")
+    """Oxford-IIIT Pets (37 breeds): torchvision/OxfordIIITPet, trainval / test."""
+    return remote_source(cfg)
 
 
 @DATASETS.register("flowers-102")
 def flowers102(cfg) -> Source:
-    """Oxford Flowers-102 through torchvision: train+val / test (class names are indices in torchvision)."""
-    from types import SimpleNamespace
+    """Oxford Flowers-102: torchvision/Flowers102, its train and val splits (10 + 10 images per class) trained on,
+    test held out; the class names are the 102 flower names this package ships (torchvision has none)."""
+    return remote_source(cfg)
 
-    from torchvision.datasets import Flowers102
 
-    def make(root, split):  # "trainval": torchvision's train and val splits (10 + 10 images per class) together
-        splits = ("train", "val") if split == "trainval" else (split,)
-        parts = [Flowers102(root, split=s, download=True) for s in splits]
-        return SimpleNamespace(_image_files=[p for d in parts for p in d._image_files],
-                               _labels=[y for d in parts for y in d._labels])
-
-    src = _torchvision_source(make, None, "_image_files", "_labels", cfg, "trainval", "test")
-    return Source([f"flower {c}" for c in src.classes], src.train, src.test)
+def load_source(cfg) -> Source:
+    """The dataset ``data.dataset`` names: a registered one, ``torchvision/<Class>`` or ``hf/<id>`` (data.remote)."""
+    return remote_source(cfg) if remote_name(cfg.dataset) else DATASETS.get(cfg.dataset)(cfg)
 
 
 def check_image(path: str) -> str | None:
@@ -195,7 +161,7 @@ def make_split(cfg) -> dict:
     training image; single unreadable images are reported and skipped.
     """
     # 1. The dataset's classes, narrowed to data.classes when the recipe names some.
-    src = DATASETS.get(cfg.dataset)(cfg)
+    src = load_source(cfg)
     classes = list(cfg.classes) or src.classes
     if cfg.classes:
         unknown = [c for c in cfg.classes if c not in src.classes]

@@ -80,7 +80,7 @@ def resolve_settings(cfg) -> Settings:
     entry = GENERATORS.get(cfg.generator)
     guidance = cfg.guidance if cfg.guidance >= 0 else entry.guidance
     negative = cfg.negative_prompt if guidance > 1 and entry.kind == "text" else ""  # without CFG it does nothing
-    return Settings(cfg.generator, cfg.model_id or entry.model_id, cfg.lora_id or entry.lora_id,
+    return Settings(cfg.generator, cfg.weights or cfg.model_id or entry.model_id, cfg.lora_id or entry.lora_id,
                     cfg.steps or entry.steps, guidance, cfg.size or entry.size, negative, cfg.batch_size)
 
 
@@ -109,7 +109,8 @@ def load_pipeline(cfg, device: str):
 
     entry, s = GENERATORS.get(cfg.generator), resolve_settings(cfg)
     dtype = resolve_dtype(cfg.dtype, device)
-    pipe = entry.build() if entry.build else pretrained_pipeline(entry, s, dtype)
+    # synthetic.weights (a local pipeline folder) replaces the hub id, and the in-code build of the tiny generators
+    pipe = entry.build() if entry.build and not cfg.weights else pretrained_pipeline(entry, s, dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if pipe.unet.dtype != dtype:  # tiny pipelines are built in float32
@@ -123,7 +124,11 @@ def load_pipeline(cfg, device: str):
 
 
 def pretrained_pipeline(entry: GeneratorEntry, s: Settings, dtype):
-    """Weights from the Hugging Face hub (or its cache). The safety checker is off: it blanks training images."""
+    """Weights from the Hugging Face hub (or its cache), or the local folder ``synthetic.weights`` names (then
+    ``s.model_id`` is that folder). The safety checker is off: it blanks training images."""
+    from pathlib import Path
+
+    from ..local_weights import hub_cache
     from ..teachers import WeightsUnavailable
 
     diffusers = require("diffusers", "synth")
@@ -137,10 +142,14 @@ def pretrained_pipeline(entry: GeneratorEntry, s: Settings, dtype):
         raise
     except Exception as e:  # hub and file errors come in many types; the user needs one sentence
         first = str(e).splitlines()[0][:200] if str(e) else ""
+        if Path(s.model_id).is_dir():
+            raise WeightsUnavailable(f"Generator {entry.name!r} could not load the local diffusers pipeline folder "
+                                     f"{s.model_id} (synthetic.weights or synthetic.model_id): "
+                                     f"{type(e).__name__}: {first}") from e
         weights = f"{s.model_id!r}" + (f" and the LoRA {s.lora_id!r}" if s.lora_id else "")
         raise WeightsUnavailable(
             f"Generator {entry.name!r} needs the diffusers weights {weights}: they download on first use with "
-            f"internet and are cached under ~/.cache/huggingface/hub (HF_HOME); loading failed with: "
+            f"internet and are cached under {hub_cache()}; loading failed with: "
             f"{type(e).__name__}: {first}") from e
     if entry.scheduler == "lcm":
         pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)

@@ -2,7 +2,7 @@
 
 One table (``FORMATS``) drives the command line, the recipe validation and the docs. Every bundle lands in
 ``RUN/export/<format>-<precision>/`` with a ``manifest.json`` (preprocessing, classes, versions, sha256, parity,
-accuracy, licences) and runs on a target with ``export/run.py`` alone.
+accuracy, licences) and a model card ``README.md`` (``card.py``), and runs on a target with ``export/run.py`` alone.
 
 Nothing heavy is imported here: each backend module imports its library inside the function that needs it.
 """
@@ -142,6 +142,7 @@ def export_run(run_dir, formats=None, precisions=None, cfg=None) -> list:
     Returns:
         The bundle folders written. Raises ExportError after trying every pair when any failed its parity check.
     """
+    from ..card import write_bundle_card
     from .bundle import ExportJob, summary_table
 
     # 1. Validate the request and the backends before any work.
@@ -160,6 +161,8 @@ def export_run(run_dir, formats=None, precisions=None, cfg=None) -> list:
                if p in FORMATS[name].precisions]
     log.info("Export summary for %s:\n%s", run_dir, summary_table(results))
     atomic_write_text(job.out_root / "summary.md", summary_table(results) + "\n")
+    for r in results:  # a model card (README.md) in each bundle, from its manifest and the run's files
+        write_bundle_card(r["path"])
     shutil.rmtree(job.out_root / ".work", ignore_errors=True)
     failed = [r for r in results if not r["parity"]["passed"]]
     if failed:

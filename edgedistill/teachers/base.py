@@ -19,6 +19,7 @@ class Capabilities:
     native_head: bool = False   # head: native (the model's own classifier)
     pooling: bool = False       # teacher.pool: avgmax (a choice of how the final feature map is pooled)
     cls_tokens: bool = False    # teacher.n_cls_blocks / avgpool (CLS tokens of the last ViT blocks, P1)
+    weights: str = ""           # what teacher.weights may name: a key of local_weights.KINDS; "": no weights file
 
 
 CAPABILITIES: dict[str, Capabilities] = {}

@@ -1,4 +1,6 @@
 """CLIP teachers through open_clip: image features plus a zero-shot head from class-name prompts (P4)."""
+from pathlib import Path
+
 import torch
 
 from ..utils import require
@@ -46,21 +48,44 @@ def clip_input_spec(model, size: int) -> InputSpec:
     return InputSpec(size=size, mean=mean, std=std, interpolation="bicubic", crop_pct=1.0)
 
 
-@register_teacher("clip", text_encoder=True)
+def clip_names(cfg) -> tuple[str, str]:
+    """The open_clip arch and pretrained tag a recipe's teacher section means."""
+    return cfg.arch or "ViT-B-32", cfg.pretrained or "datacomp_xl_s13b_b90k"
+
+
+def local_clip(open_clip, arch: str, path: str):
+    """``teacher.weights``: a folder with open_clip_config.json and weights (open_clip's ``local-dir:``), or a
+    checkpoint file of ``arch``. Returns the model and the name its tokenizer is looked up by."""
+    from ..local_weights import loading
+
+    folder = Path(path).is_dir()
+    name = f"local-dir:{path}" if folder else arch
+    what = "an open_clip folder" if folder else f"an open_clip {arch} checkpoint"
+    with loading("teacher.weights", path, what):
+        return open_clip.create_model(name, pretrained=None if folder else path, require_pretrained=True), name
+
+
+@register_teacher("clip", text_encoder=True, weights="open_clip")
 def clip_teacher(cfg) -> ClipTeacher:
-    """Any open_clip model: ``arch`` (e.g. ViT-B-32) and ``pretrained`` tag (e.g. datacomp_xl_s13b_b90k)."""
+    """Any open_clip model: ``arch`` (e.g. ViT-B-32) and ``pretrained`` tag (e.g. datacomp_xl_s13b_b90k), or the
+    local ``weights`` (then the tag only names the licence)."""
+    from ..local_weights import hub_cache
+
     open_clip = require("open_clip", "clip")
-    arch, tag = cfg.arch or "ViT-B-32", cfg.pretrained or "datacomp_xl_s13b_b90k"
-    try:
-        model = open_clip.create_model(arch, pretrained=tag)
-    except Exception as e:  # hub errors come in many types; the user needs one sentence
-        raise WeightsUnavailable(
-            f"Teacher 'clip' needs the open_clip weights {arch}/{tag}: they download on first use with internet "
-            f"and are cached under ~/.cache/huggingface/hub (HF_HOME) (loading failed: {type(e).__name__}).") from e
+    arch, tag = clip_names(cfg)
+    if cfg.weights:
+        model, tokenizer_name = local_clip(open_clip, arch, cfg.weights)
+    else:
+        try:
+            model, tokenizer_name = open_clip.create_model(arch, pretrained=tag), arch
+        except Exception as e:  # hub errors come in many types; the user needs one sentence
+            raise WeightsUnavailable(
+                f"Teacher 'clip' needs the open_clip weights {arch}/{tag}: they download on first use with internet "
+                f"and are cached under {hub_cache()} (loading failed: {type(e).__name__}).") from e
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     info = TeacherInfo(name="clip", arch=arch, feature_dim=model.text_projection.shape[1]
                        if getattr(model, "text_projection", None) is not None else model.visual.output_dim,
                        input=clip_input_spec(model, cfg.image_size or size), licence=CLIP_LICENCES.get(tag, "see open_clip"),
-                       weights=f"open_clip:{arch}/{tag}")
-    return ClipTeacher(model, open_clip.get_tokenizer(arch), info)
+                       weights=f"local:{cfg.weights}" if cfg.weights else f"open_clip:{arch}/{tag}")
+    return ClipTeacher(model, open_clip.get_tokenizer(tokenizer_name), info)

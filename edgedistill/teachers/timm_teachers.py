@@ -14,9 +14,16 @@ def timm_input_spec(model, size: int = 0) -> InputSpec:
                      interpolation=cfg.get("interpolation", "bicubic"), crop_pct=cfg.get("crop_pct", 0.875))
 
 
-def create_timm(name: str, pretrained: bool, what: str, **kwargs):
+def create_timm(name: str, pretrained: bool, what: str, weights: str = "", key: str = "", **kwargs):
+    """A timm model with its hub weights, or with the local state dict file ``weights`` (recipe key ``key``), which
+    timm loads as it loads hub weights (classifier dropped or adapted to ``num_classes``)."""
     import timm
 
+    from ..local_weights import hub_cache, loading
+
+    if weights:
+        with loading(key, weights, f"timm weights for {name!r}"):
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs)
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
@@ -24,11 +31,18 @@ def create_timm(name: str, pretrained: bool, what: str, **kwargs):
             raise
         raise WeightsUnavailable(
             f"{what} needs the timm weights {name!r}: they download on first use with internet and are cached "
-            f"under ~/.cache/huggingface/hub (HF_HOME) (loading failed: {type(e).__name__}).") from e
+            f"under {hub_cache()} (loading failed: {type(e).__name__}).") from e
     except (OSError, ValueError, ImportError) as e:
         raise WeightsUnavailable(
             f"{what} needs the timm weights {name!r}: they download on first use with internet and are cached "
-            f"under ~/.cache/huggingface/hub (HF_HOME) (loading failed: {type(e).__name__}).") from e
+            f"under {hub_cache()} (loading failed: {type(e).__name__}).") from e
+
+
+def timm_name(cfg) -> str:
+    """The timm model name (with its pretrained tag) a recipe's ``timm`` or ``dinov2`` teacher section means."""
+    if cfg.name == "dinov2":
+        return cfg.arch or "vit_small_patch14_dinov2.lvd142m"
+    return f"{cfg.arch}.{cfg.pretrained}" if cfg.pretrained else cfg.arch
 
 
 class TimmTeacher(Teacher):
@@ -84,25 +98,26 @@ class Dinov2Teacher(Teacher):
         return torch.cat(feats, dim=-1)
 
 
-@register_teacher("timm", native_head=True, pooling=True)
+@register_teacher("timm", native_head=True, pooling=True, weights="timm")
 def timm_teacher(cfg) -> TimmTeacher:
-    """Any timm classifier, e.g. ``arch: convnext_tiny, pretrained: in12k_ft_in1k``."""
-    name = f"{cfg.arch}.{cfg.pretrained}" if cfg.pretrained else cfg.arch
-    model = create_timm(name, True, "Teacher 'timm'")
+    """Any timm classifier, e.g. ``arch: convnext_tiny, pretrained: in12k_ft_in1k`` (or the local ``weights``)."""
+    name = timm_name(cfg)
+    model = create_timm(name, True, "Teacher 'timm'", cfg.weights, "teacher.weights")
     info = TeacherInfo(name="timm", arch=name, feature_dim=model.num_features, input=timm_input_spec(model, cfg.image_size),
-                       licence=getattr(model, "pretrained_cfg", {}).get("license", "see timm"), weights=f"timm:{name}")
+                       licence=getattr(model, "pretrained_cfg", {}).get("license", "see timm"),
+                       weights=f"local:{cfg.weights}" if cfg.weights else f"timm:{name}")
     return TimmTeacher(model, info, cfg.pool)
 
 
-@register_teacher("dinov2", cls_tokens=True)
+@register_teacher("dinov2", cls_tokens=True, weights="timm")
 def dinov2_teacher(cfg) -> Dinov2Teacher:
     """DINOv2 through timm (``vit_small_patch14_dinov2.lvd142m`` and larger), frozen, for probing."""
-    name = cfg.arch or "vit_small_patch14_dinov2.lvd142m"
+    name = timm_name(cfg)
     kwargs = {"img_size": cfg.image_size} if cfg.image_size else {}
-    model = create_timm(name, True, "Teacher 'dinov2'", num_classes=0, **kwargs)
+    model = create_timm(name, True, "Teacher 'dinov2'", cfg.weights, "teacher.weights", num_classes=0, **kwargs)
     dim = model.num_features * (cfg.n_cls_blocks + int(cfg.avgpool))
     info = TeacherInfo(name="dinov2", arch=name, feature_dim=dim, input=timm_input_spec(model, cfg.image_size),
-                       licence=DINOV2_LICENCE, weights=f"timm:{name}")
+                       licence=DINOV2_LICENCE, weights=f"local:{cfg.weights}" if cfg.weights else f"timm:{name}")
     return Dinov2Teacher(model, info, cfg.n_cls_blocks, cfg.avgpool)
 
 
