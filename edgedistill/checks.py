@@ -9,10 +9,17 @@ from .recipe import Recipe, RecipeError, load_recipe
 def load_checked(name_or_path, overrides=()) -> Recipe:
     """``load_recipe`` (types, ranges, choices), then the registered names and the combinations: what a run starts
     from."""
-    recipe = load_recipe(name_or_path, overrides)
+    recipe = load_recipe(name_or_path, overrides, section_presets())
     check_registered_names(recipe)
     check_combinations(recipe)
     return recipe
+
+
+def section_presets() -> dict:
+    """The sections a recipe may give as a preset name, e.g. ``loss: dkd`` (``losses/presets.py``)."""
+    from .losses.presets import LOSS_PRESETS
+
+    return {"loss": LOSS_PRESETS}
 
 
 def check_registered_names(recipe: Recipe):

@@ -31,9 +31,10 @@ def _recipe_list(args):
 
 
 def _recipe_show(args):
+    from .checks import section_presets
     from .recipe import dump_recipe, load_recipe
 
-    print(dump_recipe(load_recipe(args.name, args.overrides)), end="")
+    print(dump_recipe(load_recipe(args.name, args.overrides, section_presets())), end="")
     return 0
 
 
@@ -49,7 +50,7 @@ def _recipe_run(args):
 def _recipe_sweep(args):
     from .sweep import run_sweep
 
-    run_sweep(args.name, args.overrides, args.out)
+    run_sweep(args.name, args.overrides, args.out, seeds=args.seeds)
     return 0
 
 
@@ -166,12 +167,7 @@ def add_push_parser(verbs):
     push.set_defaults(fn=_push)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgedistill", description="Distil a large pretrained vision model into a small, "
-                                "fast, domain-specific student for an edge device.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of any error")
-    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-
+def add_recipe_parsers(verbs):
     recipe = verbs.add_parser("recipe", help="list, show, run or sweep recipes")
     rv = recipe.add_subparsers(dest="action", required=True, metavar="ACTION")
     rv.add_parser("list", help="list the built-in recipes").set_defaults(fn=_recipe_list)
@@ -190,7 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("name")
     sweep.add_argument("overrides", nargs="*", metavar="key=v1,v2")
     sweep.add_argument("--out", default=None)
+    sweep.add_argument("--seeds", type=int, default=1,
+                       help="train each point with N seeds; sweep.md gives mean and 95%% Student-t interval")
     sweep.set_defaults(fn=_recipe_sweep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgedistill", description="Distil a large pretrained vision model into a small, "
+                                "fast, domain-specific student for an edge device.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of any error")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    add_recipe_parsers(verbs)
 
     synth = verbs.add_parser("synth", help="generate (or mix) synthetic training images for a recipe")
     synth.add_argument("name")

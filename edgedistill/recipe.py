@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 # RecipeError and build are imported from here by the rest of the package.
-from .recipe_types import RecipeError, build, section_type, unknown_key_message  # noqa: F401
+from .recipe_types import RecipeError, build, expand_presets, section_type, unknown_key_message  # noqa: F401
 
 SEED_MAX = 2**32 - 1  # seeds are 32-bit: every RNG the pipeline seeds takes them (np.random.seed needs < 2**32)
 BOUNDS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
@@ -279,17 +279,22 @@ def builtin_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(paths)}
 
 
-def load_recipe(name_or_path, overrides=()) -> Recipe:
+def load_recipe(name_or_path, overrides=(), presets=None) -> Recipe:
     """Load a built-in recipe by name, or a YAML file by path, apply ``key=value`` overrides, coerce and check values.
 
-    Registered names are not looked up here (that needs the registries): ``checks.load_checked`` adds that.
+    Registered names are not looked up here (that needs the registries): ``checks.load_checked`` adds that, and
+    passes ``presets`` (section -> name -> mapping, ``checks.section_presets``): a section given as a name in the
+    YAML or by an override (``loss=dkd``) is replaced by that mapping, so later overrides (``loss.temperature=8``)
+    edit the preset.
     """
     path = resolve_recipe_path(name_or_path)
     raw = parse_yaml(path.read_text(), f"Recipe {path}") or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"Recipe {path} must be a mapping at the top level, got {type(raw).__name__}")
+    expand_presets(raw, presets or {})
     for item in overrides:
         apply_override(raw, item)
+        expand_presets(raw, presets or {})
     recipe = build(Recipe, raw, "")
     check_values(recipe)
     return recipe

@@ -23,6 +23,25 @@ def unknown_key_message(dotted: str, part: str, names, prefix: str) -> str:
     return f"Unknown recipe key {dotted!r} {where}.{hint} Valid keys: {sorted(names)}"
 
 
+def expand_presets(raw: dict, presets: dict):
+    """Replace, in place, each section given as a name (``loss: dkd``) by a copy of that preset's mapping.
+
+    Args:
+        raw: the recipe's top-level mapping.
+        presets: section -> preset name -> the section's mapping, e.g. ``{"loss": losses.presets.LOSS_PRESETS}``.
+    """
+    for section, table in presets.items():
+        name = raw.get(section)
+        if not isinstance(name, str):
+            continue
+        if name not in table:
+            close = difflib.get_close_matches(name, list(table), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"Recipe key {section!r} is {name!r}, which is not a {section} preset.{hint} Presets: "
+                              f"{list(table)}; or give the section as a mapping, e.g. {section}: {{...}}")
+        raw[section] = dict(table[name])
+
+
 def section_type(tp):
     """The dataclass behind a field type (unwrapping Optional), or None for a plain value."""
     if dataclasses.is_dataclass(tp):

@@ -76,11 +76,11 @@ def test_run_sweep_runs_every_point_with_the_shared_folder(tmp_path, monkeypatch
     recipe_path.write_text("name: tiny\nstudent: {name: resnet18}\nloss: {kd: 1.0}\n")
     calls = []
 
-    def run_recipe(recipe, out, shared_dir=None):
+    def run_recipe(recipe, out, seeds=1, shared_dir=None):
         calls.append((recipe.student.name, recipe.export.precision, out, shared_dir))
         out.mkdir(parents=True, exist_ok=True)
         top1 = {"resnet18": 0.8, "mobilenetv3_small_100": 0.7}[recipe.student.name]
-        (out / "metrics.json").write_text(json.dumps({"student": {"top1": top1}}))
+        (out / "metrics.json").write_text(json.dumps({"student": {"top1": top1, "balanced_accuracy": top1}}))
         lat = (2.0 if recipe.student.name == "resnet18" else 1.0) / (2 if recipe.export.precision[0] == "int8" else 1)
         (out / "bench.json").write_text(json.dumps([{"backend": "onnxruntime", "precision": recipe.export.precision[0],
                                                      "batch": 1, "p50_ms": lat}]))
