@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from .report import markdown_table
 from .utils import atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -140,11 +141,6 @@ def gather_bundle(bundle_dir) -> CardSources:
 
 def pct(v, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
-
-
-def table(header: tuple, rows: list) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
 def hf_licence(texts: list) -> tuple[str, str | None]:
@@ -284,7 +280,7 @@ def data_section(src: CardSources) -> list[str]:
             for n in MODELS if (m := (src.metrics or {}).get(n)) and m.get("images")]
     if rows:
         lines += ["", f"Images each model learnt from ({src.metrics_file}):", ""]
-        lines += table(("model", "labelled", "unlabelled", "synthetic"), rows)
+        lines += markdown_table([("model", "labelled", "unlabelled", "synthetic"), *rows])
     if len(lines) == 2:
         lines.append("Not recorded: no recipe.yaml, split.json or metrics beside this card.")
     return lines
@@ -297,9 +293,7 @@ def is_loss_weight(key: str) -> bool:
     from .recipe import LossCfg
 
     fields = {f.name: f for f in dataclasses.fields(LossCfg)}
-    if any(f.metadata.get("weight") for f in fields.values()):
-        return key in fields and bool(fields[key].metadata.get("weight"))
-    return key in fields and key not in LOSS_SETTINGS and fields[key].type in (float, "float")
+    return key in fields and bool(fields[key].metadata.get("weight"))
 
 
 def loss_section(src: CardSources) -> list[str]:
@@ -309,7 +303,7 @@ def loss_section(src: CardSources) -> list[str]:
     on = {k: v for k, v in loss.items() if is_loss_weight(k) and isinstance(v, (int, float)) and v}
     rows = [(f"`{k}`", f"{v:g}", LOSS_TERMS.get(k, "")) for k, v in on.items()]
     lines = ["## Losses", "", "The recipe's `loss:` weights (terms with weight 0 are off):", ""]
-    lines += table(("term", "weight", "what it is"), rows)
+    lines += markdown_table([("term", "weight", "what it is"), *rows])
     shared = [k for k in ("temperature", "label_smoothing") if k in loss and (k != "label_smoothing" or loss[k])]
     own = [k for k in loss if not is_loss_weight(k) and k not in LOSS_SETTINGS and any(k.startswith(f"{t}_")
                                                                                         for t in on)]
@@ -336,7 +330,7 @@ def accuracy_section(src: CardSources) -> list[str]:
     seeds = (f", mean ± 95% Student-t interval over {m['n_seeds']} seeds" if m.get("n_seeds") else "")
     lines = ["## Accuracy", "", f"Percent, {where}{seeds} ({src.metrics_file}); balanced accuracy is the mean of the "
              "per-class recalls.", ""]
-    return lines + table(("model", "top-1 %", "balanced accuracy %", "macro-F1 %", "GFLOPs"), rows)
+    return lines + markdown_table([("model", "top-1 %", "balanced accuracy %", "macro-F1 %", "GFLOPs"), *rows])
 
 
 def latency_section(src: CardSources) -> list[str]:
@@ -350,8 +344,8 @@ def latency_section(src: CardSources) -> list[str]:
     rows = [(r["backend"], r["precision"], r["batch"], pct(r.get("p50_ms")), pct(r.get("p90_ms")),
              pct(r.get("p99_ms")), pct(r.get("throughput_ips"), 1), pct(r.get("x_eager")),
              r.get("runtime_threads") if r.get("runtime_threads") is not None else "–") for r in src.bench]
-    return lines + table(("backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "x eager",
-                          "threads"), rows)
+    header = ("backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "x eager", "threads")
+    return lines + markdown_table([header, *rows])
 
 
 def parity_section(src: CardSources) -> list[str]:
@@ -369,8 +363,9 @@ def parity_section(src: CardSources) -> list[str]:
     lines = ["## Parity", "", "Each bundle against the PyTorch student, from its manifest.json: top-1 agreement, the "
              "lowest cosine and the largest absolute difference of the scores, and top-1 of both on the same images.",
              ""]
-    return lines + table(("bundle", "top-1 agreement", "min cosine", "max abs error", "bundle top-1 %",
-                          "PyTorch top-1 %", "parity"), rows)
+    header = ("bundle", "top-1 agreement", "min cosine", "max abs error", "bundle top-1 %", "PyTorch top-1 %",
+              "parity")
+    return lines + markdown_table([header, *rows])
 
 
 def _percent(v):

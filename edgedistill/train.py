@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import distributed
 from .data import resize_normalize, view_image
 from .data.cache import view_seed
-from .objective import Objective, loss_terms  # noqa: F401 (loss_terms: one batch's terms, for quick checks)
+from .objective import Objective
 from .tensorboard_log import ScalarLog
 from .utils import atomic_torch_save, atomic_write_text, derived_seed, progress
 

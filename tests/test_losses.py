@@ -128,7 +128,7 @@ def test_mixup_leaves_a_batch_with_fewer_than_two_real_images_alone():
 
 def test_mixed_soft_labels_feed_the_task_term_of_real_images_only():
     from edgedistill.recipe import LossCfg
-    from edgedistill.train import loss_terms
+    from edgedistill.objective import loss_terms
 
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, -5.0, 0.0]])
     soft = torch.tensor([[0.7, 0.0, 0.3], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # row 2: a synthetic image

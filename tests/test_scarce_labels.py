@@ -15,7 +15,7 @@ from edgedistill.cli import main
 from edgedistill.data import labelled_subset
 from edgedistill.evaluate import balanced_accuracy, classification_metrics, macro_f1
 from edgedistill.recipe import LossCfg
-from edgedistill.train import loss_terms
+from edgedistill.objective import loss_terms
 
 from conftest import kill_when, make_image_folder, tiny_recipe, write_recipe
 
