@@ -30,8 +30,8 @@ from .utils import atomic_write_text, fingerprint, read_json, write_json
 log = logging.getLogger(__name__)
 # Part of every stage's key: bump a stage's number when a fix changes what it computes from the same inputs, so a
 # run folder made by older code is recomputed rather than silently reused.
-STAGE_VERSIONS = {"split": 3, "finetune": 1, "features": 3, "views": 2, "probe": 4, "synth": 2, "distill": 5,
-                  "baseline": 5,
+STAGE_VERSIONS = {"split": 3, "finetune": 1, "features": 3, "views": 3, "probe": 4, "synth": 2, "distill": 6,
+                  "baseline": 6,
                   "evaluate": 3, "export": 2, "bench": 2}
 SHARED_STAGES = ("split", "finetune", "features", "probe", "synth")  # independent of the student and of the seed
 

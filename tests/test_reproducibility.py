@@ -71,6 +71,16 @@ def test_stages_give_the_same_weights_whether_earlier_stages_ran_or_were_reused(
     assert ma["student"]["confusion"] == mb["student"]["confusion"]
 
 
+def test_same_data_elsewhere_gives_the_same_weights(tmp_path, image_folder):
+    # The same images in another folder, run into another run folder: augmented views are drawn from the image's
+    # bytes and the seed, never its path, so the student and baseline come out bit-identical.
+    moved = shutil.copytree(image_folder, tmp_path / "elsewhere" / "deeper" / "images")
+    a = run_recipe(tmp_path, recipe_with(image_folder, epochs=2), tmp_path / "a")
+    b = run_recipe(tmp_path, recipe_with(moved, epochs=2), tmp_path / "other" / "b")
+    assert same_weights(weights(a), weights(b))
+    assert same_weights(weights(a, "baseline"), weights(b, "baseline"))
+
+
 def test_data_workers_give_the_same_weights_as_the_main_process(tmp_path, image_folder):
     # Each epoch picks other fixed views per image; a worker must see the epoch (a persistent worker kept epoch 0's
     # picks forever), so 2 workers train exactly what the main process alone trains.

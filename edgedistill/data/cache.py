@@ -3,6 +3,8 @@
 Probing, evaluation and every distillation epoch read from here, so the teacher never runs twice on the same
 view. Rows are marked done as they are written, so a killed extraction resumes where it stopped.
 """
+import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,9 +18,17 @@ from . import resize_normalize, view_image
 def view_seed(path: str, view: int, salt: int = 0) -> int | None:
     """View 0 is the un-augmented image; view v > 0 is a fixed augmentation of it, one per (salt, image, view).
 
-    Real training images use the training seed as ``salt``, so each seed draws its own augmented views.
+    Real training images use the training seed as ``salt``, so each seed draws its own augmented views. The image
+    is named by its bytes, not its path, so the same data and seed give the same views wherever the data folder or
+    run folder lies.
     """
-    return None if view == 0 else derived_seed("view", salt, str(path), view)
+    return None if view == 0 else derived_seed("view", salt, image_digest(str(path)), view)
+
+
+@functools.lru_cache(maxsize=None)
+def image_digest(path: str) -> str:
+    """sha256 of the image file's bytes (read once per process)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class RealViews:
