@@ -142,6 +142,10 @@ def combine_seeds(run: Run, results: list[dict]) -> dict:
         if isinstance(metrics.get(extra), dict) and "markdown" in metrics[extra]:
             title, _, rest = metrics[extra]["markdown"].partition("\n")
             metrics[extra] = {**metrics[extra], "seed": 0, "markdown": f"{title} (seed 0)\n{rest}"}
+    if all("validation" in m for m in results):  # means over seeds, as for the test figures
+        metrics["seeds"]["validation"] = aggregate_metrics([m["validation"] for m in results])
+        metrics["validation"] = {k: ({n: mean_or_none([m["validation"][k][n] for m in results]) for n in v}
+                                     if isinstance(v, dict) else v) for k, v in results[0]["validation"].items()}
     if all("robustness" in m for m in results):
         metrics["seeds"]["robustness"] = aggregate_metrics(
             [{n: {k: m["robustness"][n][k] for k in ("mpc", "rpc")} for n in ("teacher", "student")} for m in results])

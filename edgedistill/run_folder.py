@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # run folder made by older code is recomputed rather than silently reused.
 STAGE_VERSIONS = {"split": 3, "finetune": 1, "features": 3, "views": 3, "probe": 4, "synth": 2, "distill": 6,
                   "baseline": 6,
-                  "evaluate": 3, "export": 2, "bench": 2}
+                  "evaluate": 4, "export": 2, "bench": 2}
 SHARED_STAGES = ("split", "finetune", "features", "probe", "synth")  # independent of the student and of the seed
 
 

@@ -49,6 +49,8 @@ def stage_evaluate(run: Run, split: dict, feats: dict, head, student: dict, base
             if name in metrics:
                 metrics[name]["images"] = counts
         metrics["gflops_ratio"] = metrics["student"]["gflops"] / max(metrics["teacher"]["gflops"], 1e-12)
+        if split["val"]:
+            metrics["validation"] = validation_metrics(run, split, feats["caches"]["eval"], head, loaded)
         # 2. The suites the recipe asks for.
         if r.eval.corruptions:
             metrics["robustness"] = evaluate_robustness(run, test, head, *loaded["student"])
@@ -82,6 +84,21 @@ def student_metrics(run: Run, model, saved: dict, test: list, labels, t_feat, t_
     if "embedding" in out and out["embedding"].shape[1] == t_feat.shape[1] and name == "student":
         metrics["feature_cosine"] = torch.nn.functional.cosine_similarity(out["embedding"], t_feat).mean().item()
     return metrics
+
+
+def validation_metrics(run: Run, split: dict, eval_cache, head, loaded: dict) -> dict:
+    """Top-1, balanced accuracy and macro-F1 of every model on the validation split: the figures to choose on (a
+    sweep point, a loss, a setting), so that the test split is only ever reported."""
+    r, val = run.recipe, split["val"]
+    labels = torch.tensor([y for _, y in val])
+    keep = ("top1", "balanced_accuracy", "macro_f1")
+    t_logits = head(eval_cache.get(np.arange(len(val))))  # the eval cache holds the validation images first
+    out = {"n": len(val), "teacher": classification_metrics(t_logits, labels, split["classes"], r.eval.top_k)}
+    for name, (model, saved) in loaded.items():
+        logits = predict(model, val, saved["input"], saved["input"]["crop_pct"], r.train.batch_size, run.device,
+                         r.data.num_workers, desc=f"validate {name}")["logits"]
+        out[name] = classification_metrics(logits, labels, saved["class_names"], r.eval.top_k)
+    return {k: ({m: v[m] for m in keep} if isinstance(v, dict) else v) for k, v in out.items()}
 
 
 def image_counts(run: Run, split: dict, synth) -> dict:

@@ -141,12 +141,22 @@ def accuracy_row(run_dir, point: dict) -> dict:
     """The student's test-split balanced accuracy and top-1 (percent) of a finished run: ``(mean, half-width)``
     each, the half-width of the 95% Student-t interval over its seeds (None with one seed), and ``n`` seeds."""
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
-    over_seeds, row = metrics.get("seeds", {}).get("student", {}), {"point": dict(point)}
-    for key in ("balanced_accuracy", "top1"):
-        agg = over_seeds.get(key)
-        row[key] = (agg["mean"], agg["ci95"]) if isinstance(agg, dict) else (metrics["student"][key], None)
+    seeds, row = metrics.get("seeds", {}), {"point": dict(point)}
+    for model in ("student", "baseline", "teacher"):
+        if model in metrics:
+            row[model] = _mean_ci(seeds.get(model, {}), metrics[model], "balanced_accuracy")
+    row["balanced_accuracy"], row["top1"] = row["student"], _mean_ci(seeds.get("student", {}), metrics["student"], "top1")
+    if "validation" in metrics:
+        row["val_balanced_accuracy"] = _mean_ci(seeds.get("validation", {}).get("student", {}),
+                                                metrics["validation"]["student"], "balanced_accuracy")
     row["n"] = metrics.get("n_seeds", 1)
     return row
+
+
+def _mean_ci(over_seeds: dict, one: dict, key: str) -> tuple:
+    """(mean, 95% half-width) over seeds, or (the one value, None)."""
+    agg = over_seeds.get(key)
+    return (agg["mean"], agg["ci95"]) if isinstance(agg, dict) else (one[key], None)
 
 
 def accuracy_table_md(rows: list[dict]) -> str:
@@ -154,16 +164,23 @@ def accuracy_table_md(rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r["point"]))
     n = sorted({r["n"] for r in rows})
     spread = f"mean ± {INTERVAL}" if n[-1] > 1 else "one seed each, so no interval (use --seeds N)"
-    lines = ["## Student accuracy per grid point, on the test split", "",
-             f"Figures are on the held-out test split; nothing (epoch, learning rate, preset) was chosen on it, and "
-             f"choosing a point from this table would be: choose on the validation split. Seeds per point: "
-             f"{', '.join(map(str, n))}; {spread}.", "",
-             "| " + " | ".join(keys + ["seeds", "balanced acc %", "top-1 %"]) + " |",
-             "|" + "---|" * len(keys) + "---:|---:|---:|"]
+    val = all("val_balanced_accuracy" in r for r in rows)
+    cols = ["val_balanced_accuracy"] * val + ["balanced_accuracy", "top1"] + \
+        [m for m in ("baseline", "teacher") if all(m in r for r in rows)]
+    names = {"val_balanced_accuracy": "val balanced acc %", "balanced_accuracy": "test balanced acc %",
+             "top1": "test top-1 %", "baseline": "baseline test balanced acc %",
+             "teacher": "teacher test balanced acc %"}
+    choose = ("choose a point on the validation column, then read its test columns once" if val else
+              "the recipe has no validation split (data.val_fraction), so no point should be chosen from this table")
+    lines = ["## Student accuracy per grid point", "",
+             f"Test figures are on the held-out test split, where nothing (epoch, learning rate, preset) was chosen; "
+             f"{choose}. The baseline is the same student trained on the labelled images alone, at the same budget. "
+             f"Seeds per point: {', '.join(map(str, n))}; {spread}.", "",
+             "| " + " | ".join(keys + ["seeds"] + [names[c] for c in cols]) + " |",
+             "|" + "---|" * len(keys) + "---:|" * (1 + len(cols))]
     for r in rows:
         cells = [str(r["point"].get(k, "")) for k in keys] or ["default"]
-        cells += [str(r["n"])] + [format_ci(*r[k]) if r[k][1] is not None else f"{r[k][0]:.2f}"
-                                  for k in ("balanced_accuracy", "top1")]
+        cells += [str(r["n"])] + [format_ci(*r[c]) if r[c][1] is not None else f"{r[c][0]:.2f}" for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

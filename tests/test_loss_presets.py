@@ -68,11 +68,15 @@ def fake_run_recipe(calls):
     def run_recipe(recipe, out, seeds=1, shared_dir=None):
         calls.append((recipe.loss, seeds))
         base = 80.0 if recipe.loss.dkd else 70.0
-        per_seed = [{"student": {"top1": base + 2 * k, "balanced_accuracy": base - 1 + 2 * k}} for k in range(seeds)]
+        per_seed = [{"student": {"top1": base + 2 * k, "balanced_accuracy": base - 1 + 2 * k},
+                     "baseline": {"balanced_accuracy": 60.0}} for k in range(seeds)]
         agg = aggregate_metrics(per_seed)
+        agg["validation"] = aggregate_metrics([{"student": {"balanced_accuracy": base + 5 + 2 * k}}
+                                               for k in range(seeds)])
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({"student": {k: v["mean"] for k, v in agg["student"].items()},
-                                                      "seeds": agg, "n_seeds": seeds}))
+        means = {m: {k: v["mean"] for k, v in agg[m].items()} for m in ("student", "baseline")}
+        (out / "metrics.json").write_text(json.dumps({**means, "seeds": agg, "n_seeds": seeds,
+                                                      "validation": {"student": {"balanced_accuracy": base + 6}}}))
         (out / "bench.json").write_text(json.dumps([{"backend": "onnxruntime", "precision": "fp32", "batch": 1,
                                                      "p50_ms": 1.0}]))
     return run_recipe
@@ -86,10 +90,11 @@ def test_sweep_over_two_presets_tabulates_intervals(tiny_path, tmp_path, monkeyp
     assert [(loss, n) for loss, n in calls] == [(LossCfg(ce=0.5, kd=0.5, temperature=2.0), 2),
                                                 (LossCfg(ce=1.0, dkd=1.0, temperature=4.0), 2)]
     md = (out / "sweep.md").read_text()
-    assert "| loss | seeds | balanced acc % | top-1 % |" in md and "test split" in md and "nothing" in md
+    assert ("| loss | seeds | val balanced acc % | test balanced acc % | test top-1 % | baseline test balanced acc % |"
+            in md) and "test split" in md and "nothing" in md and "choose a point on the validation column" in md
     # two seeds 2 points apart: s = sqrt(2), half-width t(0.975, 1) * s / sqrt(2) = 12.706
-    assert "| kd | 2 | 70.00 ± 12.71 | 71.00 ± 12.71 |" in md
-    assert "| dkd | 2 | 80.00 ± 12.71 | 81.00 ± 12.71 |" in md
+    assert "| kd | 2 | 76.00 ± 12.71 | 70.00 ± 12.71 | 71.00 ± 12.71 | 60.00 ± 0.00 |" in md
+    assert "| dkd | 2 | 86.00 ± 12.71 | 80.00 ± 12.71 | 81.00 ± 12.71 | 60.00 ± 0.00 |" in md
     assert [a["point"] for a in json.loads((out / "sweep.json").read_text())["accuracy"]] == [{"loss": "kd"},
                                                                                                {"loss": "dkd"}]
 

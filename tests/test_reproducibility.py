@@ -92,7 +92,7 @@ def test_data_workers_give_the_same_weights_as_the_main_process(tmp_path, image_
 
 
 def test_seeds_vary_views_and_initialisation_and_report_t_intervals(tmp_path, image_folder):
-    r = recipe_with(image_folder, views=2, epochs=2)
+    r = recipe_with(image_folder, views=2, epochs=2, val_fraction=0.25)
     r["student"] = {"name": "test_efficientnet"}  # random initialisation: only the seed sets it
     r["export"] = {"formats": ["onnx"], "precision": ["fp32"]}
     run = run_recipe(tmp_path, r, tmp_path / "seeds", "--seeds", "2")
@@ -113,6 +113,12 @@ def test_seeds_vary_views_and_initialisation_and_report_t_intervals(tmp_path, im
     t0, t1 = (m["student"]["top1"] for m in per_seed)
     assert metrics["seeds"]["student"]["top1"]["ci95"] == pytest.approx(12.706 * abs(t0 - t1) / 2, abs=1e-6)
     assert "Student-t" in (run / "report.md").read_text()
+    # Validation figures, the ones to choose on, are on the validation images and averaged over the seeds too.
+    split = json.loads((run / "split.json").read_text())
+    assert metrics["validation"]["n"] == len(split["val"]) > 0
+    v0, v1 = (m["validation"]["baseline"]["balanced_accuracy"] for m in per_seed)
+    assert metrics["validation"]["baseline"]["balanced_accuracy"] == pytest.approx((v0 + v1) / 2)
+    assert metrics["seeds"]["validation"]["student"]["top1"]["n"] == 2
     # --seeds works with a recipe that exports: the first seed's student is exported from its own folder.
     assert (run / "seed-0" / "export" / "onnx-fp32" / "manifest.json").exists()
 
