@@ -80,6 +80,7 @@ def check_combinations(recipe: Recipe):
     if problem:
         raise RecipeError(problem)
     check_weight_paths(recipe)  # local weights files and folders exist and are of the kind each loader reads
+    check_student_init(recipe)
     check_losses(recipe)
     if recipe.teacher.mode == "finetune" and recipe.teacher.head not in ("linear", "mlp"):
         raise RecipeError("Recipe key 'teacher.mode' is 'finetune', which trains a new linear or mlp head with the "
@@ -98,6 +99,53 @@ def check_combinations(recipe: Recipe):
         raise RecipeError("Recipe key 'eval.zero_shot' needs 'teacher.head: zeroshot' (class text embeddings)")
     if recipe.eval.student_probe and not recipe.eval.student_probe_lr:
         raise RecipeError("Recipe key 'eval.student_probe_lr' is empty: give the probe at least one learning rate")
+
+
+def check_student_init(recipe: Recipe):
+    """``student.init_from`` names a student of this recipe's architecture: a finished run folder or model.pt, or
+    ``recipe:NAME``, a recipe that passes every check itself (what it trains is compared before any of it runs)."""
+    from .students import INIT_RECIPE, check_same_student, init_file, saved_student
+
+    s = recipe.student
+    if not s.init_from:
+        return
+    given = [k for k, v in (("pretrained", s.pretrained), ("weights", s.weights),
+                            ("packaged_weights", s.packaged_weights)) if v]
+    if given:
+        raise RecipeError(f"Recipe keys 'student.init_from' and 'student.{given[0]}' both set the student's starting "
+                          "weights: set one (the earlier student's weights replace every backbone weight)")
+    if s.init_from.startswith(INIT_RECIPE):
+        earlier = init_recipe(recipe)
+        check_same_student(s, earlier.student, f"recipe {earlier.name!r} trains")
+    else:
+        path = init_file(s.init_from)
+        theirs, their_dim = saved_student(path)
+        check_same_student(s, theirs, f"{path} holds", their_dim)
+
+
+def init_recipe(recipe: Recipe) -> Recipe:
+    """The recipe ``student.init_from: recipe:NAME`` names, through every check (``load_checked``); a chain of such
+    recipes that comes back to one already in it is refused, as are two of one name (they would share a folder)."""
+    from .recipe import resolve_recipe_path
+    from .students import INIT_RECIPE
+
+    chain, current = [recipe.name], recipe
+    while current.student.init_from.startswith(INIT_RECIPE):
+        source = current.student.init_from
+        try:
+            current = load_recipe(resolve_recipe_path(source[len(INIT_RECIPE):]), (), section_presets())
+        except RecipeError as e:
+            raise RecipeError(f"Recipe key 'student.init_from' ({source}): {e}") from e
+        if current.name in chain:
+            raise RecipeError(f"Recipe key 'student.init_from': the recipes start from each other in a circle "
+                              f"({' -> '.join(chain + [current.name])}); each needs a name of its own and the chain "
+                              "must end at a recipe without recipe:NAME")
+        chain.append(current.name)
+    source = recipe.student.init_from
+    try:
+        return load_checked(resolve_recipe_path(source[len(INIT_RECIPE):]))
+    except RecipeError as e:
+        raise RecipeError(f"Recipe key 'student.init_from' ({source}): {e}") from e
 
 
 def check_losses(recipe: Recipe):

@@ -24,9 +24,11 @@ def _recipe_list(args):
 
     from .recipe import builtin_recipes
 
-    for name, path in builtin_recipes().items():
+    recipes = builtin_recipes()
+    width = max(map(len, recipes), default=0)
+    for name, path in recipes.items():
         desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
-        print(f"{name:<16} {desc}")
+        print(f"{name:<{width}}  {desc}")
     return 0
 
 

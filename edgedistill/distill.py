@@ -7,7 +7,7 @@ import torch
 from . import distributed, losses
 from .data.cache import RealViews
 from .recipe import Recipe, fingerprinted, to_plain
-from .run_folder import Run
+from .run_folder import STAGE_VERSIONS, Run
 from .stages import labelled_items, real_items
 from .students import build_student, save_student, student_input_spec
 from .teachers import ZeroShotHead, head_layout
@@ -51,7 +51,8 @@ def distill(run: Run, split: dict, feats: dict, head, items: list, teacher_featu
     """Train the recipe's student on ``items`` (real first, then synthetic) against the teacher; returns its log."""
     r = run.recipe
     text = head.text if r.eval.zero_shot and isinstance(head, ZeroShotHead) else None
-    model = build_student(r, len(split["classes"]), feats["dim"], text, backbone=run.student_backbone())
+    model = build_student(r, len(split["classes"]), feats["dim"], text, backbone=run.student_backbone(),
+                          init=run.init_file)
     spec = student_spec(run, feats, model.backbone)
     online = r.train.teacher == "online"
     dataset = DistillSet(items, spec.to_dict(), feats["input"], r.data.augment, r.data.views, spec.crop_pct,
@@ -88,7 +89,7 @@ def stage_distill(run: Run, split: dict, feats: dict, views, head, synth) -> dic
     key = fingerprint([run.keys["probe"], run.keys.get("views"), run.keys.get("synth"), to_plain(r.student),
                        to_plain(r.loss), fingerprinted(r.train), r.data.augment, r.data.views, r.data.mixup,
                        r.data.cutmix, r.data.image_size, r.data.crop_pct, r.data.real_train, r.eval.zero_shot,
-                       r.eval.synthetic_holdout])
+                       r.eval.synthetic_holdout] + run.init_key())
     folder = run.dir / "student"
 
     def compute():
@@ -137,6 +138,17 @@ class TeacherForTraining:
         return self
 
 
+def copy_baseline(trained: Path, folder: Path, recipe: Recipe):
+    """A run's own copy of a baseline trained in a sweep's shared folder, recording this run's recipe."""
+    from .utils import atomic_torch_save, atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = torch.load(trained / "model.pt", map_location="cpu", weights_only=True)
+    atomic_torch_save({**saved, "recipe": recipe.to_dict()}, folder / "model.pt")
+    if (trained / "log.jsonl").exists():
+        atomic_write_text(folder / "log.jsonl", (trained / "log.jsonl").read_text())
+
+
 def stage_baseline(run: Run, split: dict, feats: dict, synth) -> dict:
     """The same student trained on the labelled images alone with cross-entropy only: what the teacher is worth.
 
@@ -148,22 +160,34 @@ def stage_baseline(run: Run, split: dict, feats: dict, synth) -> dict:
     n_real = len(real_items(split)) if r.data.real_train else 0
     budget = GlobalBatchSampler(n_real, n_synth, r.train.batch_size, r.train.seed, r.train.real_fraction).epoch_size()
     key = fingerprint([run.keys["features"], to_plain(r.student), fingerprinted(r.train), r.data.augment, r.data.views,
-                       r.data.image_size, r.data.crop_pct, r.loss.label_smoothing, budget])
+                       r.data.image_size, r.data.crop_pct, r.loss.label_smoothing, budget] + run.init_key())
     folder = run.dir / "baseline"
+    # In a sweep every point of a seed trains the very same baseline (its key leaves the losses out): train it once
+    # in the shared folder, and give each point its own copy.
+    trained = folder if run.shared == run.dir else \
+        run.shared / "baselines" / fingerprint(["baseline", STAGE_VERSIONS["baseline"], key])
 
     def compute():
-        model = build_student(r, len(split["classes"]), 0, baseline=True, backbone=run.student_backbone())
+        if not (trained / "model.pt").exists():
+            train_baseline()
+        if trained != folder and distributed.is_main():
+            copy_baseline(trained, folder, r)
+        return {"epochs": r.train.epochs, "trained_in": str(trained)}
+
+    def train_baseline():
+        model = build_student(r, len(split["classes"]), 0, baseline=True, backbone=run.student_backbone(),
+                              init=run.init_file)
         spec = student_spec(run, feats, model.backbone)
         items = labelled_items(split)  # never an unlabelled image
         dataset = DistillSet(items, spec.to_dict(), None, r.data.augment, r.data.views, spec.crop_pct,
                              r.train.seed, online=r.train.teacher == "online")
         sampler = GlobalBatchSampler(len(items), 0, r.train.batch_size, r.train.seed, epoch_size=budget)
         ce_only = losses.only(r.loss, ce=1.0)
-        rows = train(model, dataset, sampler, r.train, ce_only, folder, key, workers=r.data.num_workers,
-                     desc="baseline", device=run.device, evaluate=validation_hook(run, split, spec))
+        train(model, dataset, sampler, r.train, ce_only, trained, key, workers=r.data.num_workers,
+              desc="baseline", device=run.device, evaluate=validation_hook(run, split, spec))
         if distributed.is_main():
-            save_student(folder / "model.pt", model.cpu(), r, split["classes"], spec, {"baseline": True})
-        return {"epochs": len(rows), "last": rows[-1] if rows else {}}
+            save_student(trained / "model.pt", model.cpu(), r, split["classes"], spec, {"baseline": True})
+        distributed.barrier()
 
     summary = run.stage("baseline", key, compute)
     return {"key": run.keys["baseline"], "folder": folder, "summary": summary}

@@ -3,6 +3,7 @@
 The run folder and its stage cache are in ``run_folder``; the shared stages in ``stages``; the training stages in
 ``distill``; evaluation in ``suites``; what is printed and written for people in ``report``.
 """
+import logging
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from .stages import stage_features, stage_head, stage_split, stage_synth, stage_
 from .suites import stage_evaluate
 from .tensorboard_log import check_tensorboard
 from .utils import atomic_write_text, fingerprint, write_json
+
+log = logging.getLogger(__name__)
 
 
 def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dict:
@@ -41,6 +44,7 @@ def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dic
     preflight_data(run)
     split = stage_split(run)
     preflight_weights(run)
+    student_init(run)
     stage_finetune(run, split)
     feats = stage_features(run, split)
     head = stage_head(run, split, feats)
@@ -70,6 +74,8 @@ def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dic
         first.stage("bench", fingerprint([first.keys.get("export"), first.keys["evaluate"], to_plain(recipe.bench)]),
                     lambda: {"rows": len(bench_run(first.dir, recipe.bench) or [])})
     if distributed.is_main():
+        if run.student_init:
+            metrics["student_init"] = run.student_init
         if seeds > 1 and (recipe.export is not None or recipe.bench is not None):
             metrics["exported_seed"] = str(first.dir)
         metrics["timings"] = stage_timings(seed_runs, time.perf_counter() - t0)
@@ -92,28 +98,94 @@ def preflight_data(run: Run):
 
 def preflight_weights(run: Run, problems=()):
     """Load hub weights before any data work, so a missing download is what gets reported, all at once (with
-    ``problems``, the missing datasets); then record where every weight came from (``RUN/weights.json``)."""
+    ``problems``, the missing datasets): the teacher's, the student's and the generator's (only looked up, or
+    downloaded, here: the synthetic stage builds it); then record where every weight came from (``RUN/weights.json``).
+
+    Offline, a teacher or student weight that is not in the hub cache is named without building its model: a ViT-g's
+    random initialisation alone takes over a minute on a small CPU before its loader finds the file missing.
+    """
+    from .data.generation import is_complete
+    from .local_weights import offline
     from .students import create_backbone
     from .teachers import WeightsUnavailable
 
-    problems = list(problems)
-    if not (run.shared / "stages" / "features.json").exists():
+    problems, recipe = list(problems), run.recipe
+    uncached = uncached_weights(recipe) if offline() else {}
+
+    def attempt(key: str, load) -> list[str]:
+        """``load()``, or the sentence saying why it cannot: known absent from the cache already, or its failure."""
+        if key in uncached:
+            return [uncached[key]]
         try:
-            run.teacher()
+            load()
         except WeightsUnavailable as e:
-            problems.append(str(e))
-    student = run.recipe.student
-    if (student.pretrained or student.weights) and not (run.dir / "stages" / "distill.json").exists():
-        try:  # kept: the training stages start from copies of it instead of building their own
-            run.pretrained_backbone = create_backbone(run.recipe.student)
-        except WeightsUnavailable as e:
-            problems.append(str(e))
+            return [str(e)]
+        return []
+
+    def load_student():  # kept: the training stages start from copies of it instead of building their own
+        run.pretrained_backbone = create_backbone(recipe.student)
+
+    if not (run.shared / "stages" / "features.json").exists():
+        problems += attempt("teacher.weights", run.teacher)
+    if (recipe.student.pretrained or recipe.student.weights) and not (run.dir / "stages" / "distill.json").exists():
+        problems += attempt("student.weights", load_student)
+    if recipe.synthetic is not None and not is_complete(run.shared):  # every image made: no generator to load
+        from .weights import missing_generator_downloads
+
+        problems += missing_generator_downloads(recipe.synthetic)
     if problems:
         raise WeightsUnavailable("\n  ".join(problems))
     if distributed.is_main():
         from .weights import write_provenance
 
         write_provenance(run)  # RUN/weights.json: where each weight came from, and its sha256
+
+
+def uncached_weights(recipe: Recipe) -> dict[str, str]:
+    """Recipe key -> one sentence, for each hub weight of the teacher and the student that the Hugging Face cache
+    lacks, found by looking (``weights.teacher_need``/``student_need``, as ``weights fetch`` looks), not by loading."""
+    from .local_weights import hub_cache
+    from .weights import student_need, teacher_need
+
+    who = {"teacher.weights": f"Teacher {recipe.teacher.name!r}", "student.weights": f"Student {recipe.student.name!r}"}
+    out = {}
+    for need in (teacher_need(recipe.teacher), student_need(recipe.student)):
+        if need is None or need.path or need.locate(False):
+            continue
+        kind, _, name = need.source.partition(":")  # timm:<model>, open_clip:<arch>/<tag>
+        out[need.key] = (f"{who[need.key]} needs the {kind} weights {name!r}: they download on first use with "
+                         f"internet and are cached under {hub_cache()} (loading failed: not there, and HF_HUB_OFFLINE "
+                         "is set, so nothing is downloaded).")
+    return out
+
+
+def student_init(run: Run):
+    """``student.init_from``: the trained student the training stages start from. ``recipe:NAME`` runs that recipe
+    first, reusing whatever of it has finished, into ``SHARED/init/<its name>`` (so one command runs both of P4's
+    stages and a sweep's points share the first); a run folder or model.pt is taken as it is. Recorded in
+    RUN/weights.json, and in metrics.json once the run ends."""
+    from .checks import init_recipe
+    from .students import INIT_RECIPE, init_file
+
+    source = run.recipe.student.init_from
+    if not source:
+        return
+    if source.startswith(INIT_RECIPE):
+        earlier = init_recipe(run.recipe)
+        folder = run.shared / "init" / earlier.name
+        log.info("student.init_from %s: its run is %s", source, folder)
+        done = run_recipe(earlier, folder)
+        log.info("student.init_from %s: finished; stages reused: %s", source, ", ".join(done["timings"]["reused"])
+                 or "none")
+        path = init_file(str(folder))
+    else:
+        path = init_file(source)
+    run.use_student_init(source, path)
+    log.info("student starts from %s (sha256 %s)", path, run.student_init["sha256"][:16])
+    if distributed.is_main():
+        from .weights import write_provenance
+
+        write_provenance(run)  # now with the student it starts from
 
 
 def combine_seeds(run: Run, results: list[dict]) -> dict:

@@ -103,6 +103,9 @@ class StudentCfg:
     pretrained: bool = False            # timm hub weights (needs internet on first use)
     packaged_weights: str = ""          # offline weights a package ships: a name in packaged_weights.PACKAGED_WEIGHTS
     weights: str = ""                   # a local timm state dict file (.safetensors/.pth) instead of hub weights
+    # Start from an earlier run's trained student (backbone and projection head): its run folder, its model.pt, or
+    # recipe:NAME, that recipe run (or reused) first into RUN/init/<its name> (P4's two stages). "": no such start.
+    init_from: str = ""
     embed_dim: int = num(0, ge=0)       # projection size for feature losses; 0: the teacher's feature size
     drop_path: float = num(0.0, ge=0, lt=1)
     drop_rate: float = num(0.0, ge=0, lt=1)
@@ -158,11 +161,15 @@ class TrainCfg:
     batch_size: int = num(64, ge=1)
     lr: float = num(1e-3, gt=0)
     weight_decay: float = num(0.05, ge=0)
-    optimizer: str = one_of("adamw", "sgd")
+    optimizer: str = one_of("adamw", "sgd", "lamb")  # lamb: timm's LAMB, layer-wise trust ratio (P3, as RSB)
     momentum: float = num(0.9, ge=0, lt=1)
     schedule: str = one_of("cosine", "constant")
     warmup_epochs: float = num(0.0, ge=0)
     teacher: str = one_of("cached", "online")  # cached: teacher outputs of fixed views; online: runs each batch
+    # Repeated augmentation (RSB/DeiT; P3: 3): each drawn image N times in the same batch, each a different view
+    # (online: N fresh augmentations; cached: N distinct cached views, cycling when data.views < N). The
+    # epoch keeps its length, as timm's RepeatAugSampler: it draws ~1/N of the distinct images. 1: off.
+    repeated_aug: int = num(1, ge=1)
     real_fraction: float = num(0.5, gt=0, le=1)  # share of real images in a batch when synthetic images exist (P1: 1:1)
     amp: bool = True                    # CUDA only
     channels_last: bool = True          # NHWC memory layout: faster convolutions on GPUs and oneDNN CPUs

@@ -50,6 +50,7 @@ class Run:
         self._teacher: Teacher | None = None
         self.pretrained_backbone = None  # the student's hub-weights backbone, when fetched up front
         self.teacher_file: Path | None = None  # the fine-tuned teacher's state dict (teacher.mode: finetune)
+        self.student_init: dict | None = None  # student.init_from: {"from", "path", "sha256", ...} (use_student_init)
         self.feature_runtime = None  # (teacher as the feature stages run it, record), chosen once per process
         self.keys: dict = {}
         self.timings: dict = {}
@@ -108,6 +109,25 @@ class Run:
         """From now on the teacher carries the fine-tuned weights in ``path``."""
         self.teacher_file, self._teacher, self.feature_runtime = Path(path), None, None
 
+    def use_student_init(self, source: str, path: Path):
+        """The training stages start their student from the trained student in ``path`` (``student.init_from`` is
+        ``source``); its sha256 joins their keys, so a changed earlier student trains this one again."""
+        from .local_weights import describe
+
+        record = describe(path)
+        self.student_init = {"from": source, "path": record["path"], "sha256": record["sha256"],
+                             "bytes": record["bytes"]}
+
+    @property
+    def init_file(self) -> Path | None:
+        """The model.pt the student starts from (``student.init_from``), or None."""
+        return Path(self.student_init["path"]) if self.student_init else None
+
+    def init_key(self) -> list:
+        """What the training stages add to their key: the sha256 of the student they start from; nothing without
+        ``student.init_from``, so every other run keeps the keys it had."""
+        return [self.student_init["sha256"]] if self.student_init else []
+
 def stage_timings(runs: list, elapsed: float) -> dict:
     """Seconds each stage took when it was computed (kept when a re-run reuses it), their sum, and this call's."""
     seconds, reused = {}, []
@@ -127,6 +147,7 @@ def with_seed(run: Run, k: int) -> Run:
     seeded._teacher, seeded.keys, seeded.timings = run._teacher, dict(run.keys), dict(run.timings)
     seeded.reused, seeded.device, seeded.pretrained_backbone = list(run.reused), run.device, run.pretrained_backbone
     seeded.teacher_file, seeded.feature_runtime = run.teacher_file, run.feature_runtime
+    seeded.student_init = run.student_init
     if distributed.is_main():  # export, demo and bench read a seed's folder like any run folder
         seeded.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(seeded.dir / "recipe.yaml", dump_recipe(recipe))

@@ -9,6 +9,11 @@ from .packaged_weights import load_packaged_weights
 from .teachers import InputSpec, ZeroShotHead
 from .teachers.timm_teachers import timm_input_spec
 
+# student.packaged_weights also fixes the architecture: its timm name
+PACKAGED_ARCH = {"efficientnet-lite0": "tf_efficientnet_lite0", "efficientnet-lite2": "tf_efficientnet_lite2"}
+INIT_RECIPE = "recipe:"  # student.init_from: recipe:NAME, the earlier recipe whose student this one starts from
+
+
 def check_timm_name(dotted: str, name: str):
     import timm
 
@@ -82,11 +87,11 @@ def create_backbone(cfg) -> nn.Module:
 
 
 def build_student(recipe, num_classes: int, teacher_dim: int, text_embeddings: torch.Tensor | None = None,
-                  baseline: bool = False, backbone: nn.Module | None = None) -> Student:
+                  baseline: bool = False, backbone: nn.Module | None = None, init: Path | None = None) -> Student:
     """The student a recipe asks for. A baseline student gets a classifier only (CE, no teacher).
 
     ``backbone``: one already built from ``recipe.student`` (e.g. when its hub weights were fetched up front), used
-    as it is instead of building another.
+    as it is instead of building another. ``init``: an earlier student's model.pt to start from (``load_init``).
     """
     from .losses import active_needs
     from .utils import derived_seed
@@ -100,14 +105,96 @@ def build_student(recipe, num_classes: int, teacher_dim: int, text_embeddings: t
         backbone = create_backbone(recipe.student)
     torch.manual_seed(derived_seed("student-heads", recipe.train.seed))
     if baseline:
-        return Student(backbone, num_classes)
+        return load_init(Student(backbone, num_classes), init, recipe.student)
     feature = "embedding" in needs or recipe.eval.zero_shot
     embed_dim = (recipe.student.embed_dim or teacher_dim) if feature else 0
     zero_shot = ZeroShotHead(text_embeddings) if recipe.eval.zero_shot and text_embeddings is not None else None
     classifier = not recipe.eval.zero_shot and "logits" in needs
     if zero_shot is None and not classifier and embed_dim == 0:
         classifier = True
-    return Student(backbone, num_classes, embed_dim, classifier, zero_shot)
+    return load_init(Student(backbone, num_classes, embed_dim, classifier, zero_shot), init, recipe.student)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Starting from an earlier run's student (student.init_from; P4's domain-specific stage after the agnostic one)
+
+
+def student_arch(cfg) -> str:
+    """The timm architecture a student section trains: its name less any pretrained tag (``.in1k``), or the model
+    its packaged weights are."""
+    return PACKAGED_ARCH.get(cfg.packaged_weights, cfg.name).split(".")[0]
+
+
+def init_file(source: str) -> Path:
+    """The model.pt a ``student.init_from`` path names: a run folder's student (with ``--seeds``, seed-0's, as export
+    takes) or the file itself; a RecipeError naming the key when there is none."""
+    from .recipe import RecipeError
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = [f for f in (path / "student" / "model.pt", path / "seed-0" / "student" / "model.pt") if f.is_file()]
+        if not found:
+            raise RecipeError(f"Recipe key 'student.init_from': {source} is a folder without student/model.pt; name a "
+                              "finished run folder, a student's model.pt, or recipe:NAME")
+        return found[0]
+    if not path.is_file():
+        raise RecipeError(f"Recipe key 'student.init_from': {source} does not exist; it must be a finished run "
+                          "folder, a student's model.pt, or recipe:NAME (a recipe run first)")
+    return path
+
+
+def saved_student(path: Path) -> tuple:
+    """(student section, projection size) of a saved student, read without loading its tensors (memory-mapped)."""
+    from .recipe import RecipeError, StudentCfg, build
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return build(StudentCfg, saved["recipe"]["student"], "student"), int(saved.get("teacher_dim") or 0)
+    except Exception as e:  # noqa: BLE001 - not a zip, not a student, a foreign pickle: one line naming the key
+        raise RecipeError(f"Recipe key 'student.init_from': {path} is not a student edgedistill saved "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from e
+
+
+def check_same_student(cfg, theirs, what: str, their_dim: int = 0):
+    """``cfg`` (this recipe's student section) trains the architecture ``theirs`` did, with the same projection size
+    when both are known (0: the teacher's, known only once it loads: ``load_init`` compares the tensors then).
+    ``what`` names the earlier student's source, e.g. ``recipe 'p4-agnostic' trains``."""
+    from .recipe import RecipeError
+
+    def arch(c):
+        return student_arch(c) + (f" with model_kwargs {c.model_kwargs}" if c.model_kwargs else "")
+
+    if arch(cfg) != arch(theirs):
+        raise RecipeError(f"Recipe key 'student.init_from': {what} a {arch(theirs)} student, but this recipe's "
+                          f"student is a {arch(cfg)}: train the same architecture, or start from a {arch(cfg)}")
+    their_dim = their_dim or theirs.embed_dim
+    if cfg.embed_dim and their_dim and cfg.embed_dim != their_dim:
+        raise RecipeError(f"Recipe key 'student.init_from': {what} a student projecting to {their_dim} dimensions, "
+                          f"but this recipe's student.embed_dim is {cfg.embed_dim}")
+
+
+def load_init(student: Student, path: Path | None, cfg) -> Student:
+    """``student`` with an earlier student's backbone and, when both have one, its projection head loaded from
+    ``path`` (None: as it is); a classifier or zero-shot head belongs to the new task and keeps its fresh
+    initialisation. Every loaded tensor must have the shape this student's has: else one RecipeError naming both."""
+    from .recipe import RecipeError
+
+    if path is None:
+        return student
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    theirs, mine = saved["state_dict"], student.state_dict()
+    parts = ("backbone.", "proj.") if student.proj is not None and "proj.weight" in theirs else ("backbone.",)
+    wanted = {k for k in mine if k.startswith(parts)}
+    given = {k for k in theirs if k.startswith(parts)}
+    wrong = sorted(k for k in wanted & given if theirs[k].shape != mine[k].shape)
+    if wanted != given or wrong:
+        other = saved["recipe"]["student"]["name"]
+        k = (wrong or sorted(wanted ^ given))[0]
+        there, here = (list(d[k].shape) if k in d else "absent" for d in (theirs, mine))
+        raise RecipeError(f"Recipe key 'student.init_from': {path} holds a {other} student that does not fit this "
+                          f"recipe's {cfg.name} student: {k} is {there} there and {here} here")
+    student.load_state_dict({k: theirs[k] for k in given}, strict=False)
+    return student
 
 
 def student_input_spec(recipe, backbone: nn.Module | None = None) -> InputSpec:
@@ -158,11 +245,11 @@ def build_student_from_state(recipe, saved, text, baseline):
     from dataclasses import replace
 
     # Rebuild without downloading: the state dict replaces every weight anyway.
-    offline = replace(recipe, student=replace(recipe.student, pretrained=False, packaged_weights="", weights=""))
+    # Nor from an earlier student (student.init_from): that was only where training started.
+    offline = replace(recipe, student=replace(recipe.student, pretrained=False, packaged_weights="", weights="",
+                                              init_from=""))
     if recipe.student.packaged_weights:  # packaged weights also fix the architecture name
-        name = {"efficientnet-lite0": "tf_efficientnet_lite0", "efficientnet-lite2": "tf_efficientnet_lite2"}
-        offline = replace(offline, student=replace(offline.student, name=name.get(recipe.student.packaged_weights,
-                                                                                   recipe.student.name)))
+        offline = replace(offline, student=replace(offline.student, name=student_arch(recipe.student)))
     teacher_dim = saved.get("teacher_dim") or (text.shape[1] if text is not None else 0)
     if not teacher_dim:
         teacher_dim = saved["state_dict"]["proj.weight"].shape[0] if "proj.weight" in saved["state_dict"] else 0

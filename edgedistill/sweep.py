@@ -176,8 +176,8 @@ def accuracy_table_md(rows: list[dict]) -> str:
              f"Test figures are on the held-out test split, where nothing (epoch, learning rate, preset) was chosen; "
              f"{choose}. The baseline is the same student trained on the labelled images alone, at the same budget. "
              f"Seeds per point: {', '.join(map(str, n))}; {spread}.", "",
-             "| " + " | ".join(keys + ["seeds"] + [names[c] for c in cols]) + " |",
-             "|" + "---|" * len(keys) + "---:|" * (1 + len(cols))]
+             "| " + " | ".join((keys or ["point"]) + ["seeds"] + [names[c] for c in cols]) + " |",
+             "|" + "---|" * max(1, len(keys)) + "---:|" * (1 + len(cols))]
     for r in rows:
         cells = [str(r["point"].get(k, "")) for k in keys] or ["default"]
         cells += [str(r["n"])] + [format_ci(*r[c]) if r[c][1] is not None else f"{r[c][0]:.2f}" for c in cols]
@@ -236,8 +236,9 @@ def collect_rows(run_dir, point: dict) -> list[dict]:
     top1 = json.loads((run_dir / "metrics.json").read_text())["student"]["top1"]
     if isinstance(top1, dict):
         top1 = top1["mean"]
-    bench_path = run_dir / "bench.json"
-    bench = json.loads(bench_path.read_text()) if bench_path.exists() else [{}]
+    # With --seeds, seed 0's student is the one exported and benchmarked, from its own folder.
+    bench_path = next((p for p in (run_dir / "bench.json", run_dir / "seed-0" / "bench.json") if p.exists()), None)
+    bench = json.loads(bench_path.read_text()) if bench_path else [{}]
     return [{**b, "point": dict(point), "run_dir": str(run_dir), "top1": top1 if b.get("top1") is None else 100.0 * b["top1"]}
             for b in bench]  # bench.json holds fractions, metrics.json percent: rows are in percent
 

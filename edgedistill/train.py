@@ -65,12 +65,18 @@ class DistillSet(Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
+    def __getitem__(self, k):
+        # k = i + r * len(items): repeat r of item i (GlobalBatchSampler.repeats); r = 0 draws what it always drew.
+        r, i = divmod(int(k), len(self.items))
         path, label = self.items[i][0], self.items[i][1]
-        if self.online:  # a fresh augmentation each epoch; the teacher sees this same view
-            view, vseed = 0, derived_seed("online", self.seed, self.epoch, i)
+        if self.online:  # a fresh augmentation each epoch (and repeat); the teacher sees this same view
+            view, vseed = 0, derived_seed("online", self.seed, self.epoch, i, *((r,) if r else ()))
         else:  # one of the fixed views whose teacher features are cached
-            view = int(np.random.default_rng(derived_seed("pick", self.seed, self.epoch, i)).integers(self.views))
+            rng = np.random.default_rng(derived_seed("pick", self.seed, self.epoch, i))
+            view = int(rng.integers(self.views))
+            if r:  # repeat r: the r-th of the other views in a random order, so N <= views repeats are N views
+                others = rng.permutation([v for v in range(self.views) if v != view])
+                view = int(([view] + others.tolist())[r % self.views])
             vseed = view_seed(path, view, self.seed if i < self.n_real else 0)
         img = view_image(path, self.augment, vseed, self.crop_pct)
         s = torch.from_numpy(resize_normalize(img, self.sspec))
@@ -82,11 +88,14 @@ class GlobalBatchSampler(Sampler):
     """Global batches drawn from real and synthetic items (P1: equal frequency); each rank takes batch[rank::world]."""
 
     def __init__(self, n_real: int, n_synth: int, batch_size: int, seed: int, real_fraction: float = 0.5,
-                 epoch_size: int = 0):
+                 epoch_size: int = 0, repeats: int = 1):
         """``epoch_size`` (> 0) fixes the items per epoch, e.g. a baseline matching the distilled student's budget
-        with real images only: the real images are then repeated in fresh permutations."""
+        with real images only: the real images are then repeated in fresh permutations. ``repeats`` (N > 1,
+        ``train.repeated_aug``, which ``train`` sets): the first ceil(size / N) distinct items of the epoch, each N
+        times in a row, so in the same global batch on one or across ranks (timm's RepeatAugSampler); the epoch keeps
+        its size, and so its steps and the baseline's budget. Repeat r of item i is yielded as ``i + r * items``."""
         self.n_real, self.n_synth, self.seed, self.rf = n_real, n_synth, seed, real_fraction
-        self.fixed_size = epoch_size
+        self.fixed_size, self.repeats = epoch_size, repeats
         self.rank, self.world = distributed.world()
         n = self.epoch_size()
         self.batch = min(batch_size, n)
@@ -120,8 +129,19 @@ class GlobalBatchSampler(Sampler):
     def __len__(self):
         return self.epoch_size() // self.batch
 
+    def repeated(self, order: np.ndarray) -> np.ndarray:
+        """``order`` with its first ceil(n / N) distinct items each N times in a row (repeat r as ``i + r * items``)."""
+        n, reps = len(order), self.repeats
+        if reps <= 1:
+            return order
+        # Distinct: an epoch padded with synthetic images or to the baseline's budget holds some items twice, and a
+        # second copy of repeat r would be the very same view.
+        _, first = np.unique(order, return_index=True)
+        drawn = np.resize(order[np.sort(first)], math.ceil(n / reps))  # cycles only if too few items are distinct
+        return (np.repeat(drawn, reps) + np.tile(np.arange(reps), len(drawn)) * (self.n_real + self.n_synth))[:n]
+
     def __iter__(self):
-        order = self.order()
+        order = self.repeated(self.order())
         for b in range(len(self)):
             yield order[b * self.batch:(b + 1) * self.batch][self.rank::self.world].tolist()
 
@@ -143,7 +163,18 @@ def make_optimizer(model, cfg):
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "lamb":
+        return make_lamb(model, cfg)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_lamb(model, cfg):
+    """timm's LAMB as RSB and P3 train with it (timm's create_optimizer_v2 defaults): no weight decay on biases and
+    norm weights, which LAMB then leaves un-adapted (its trust ratio applies where weight decay is on), and the
+    gradient clipped to a global norm of 1 inside the step (timm's ``max_grad_norm``)."""
+    from timm.optim import Lamb, param_groups_weight_decay
+
+    return Lamb(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr)
 
 
 def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights, out_dir, key: str,
@@ -167,6 +198,7 @@ def train(model, dataset: DistillSet, sampler: GlobalBatchSampler, cfg, weights,
     objective = Objective.for_dataset(model, weights, teacher, dataset, num_classes, cfg.seed, device)
     net = DistributedDataParallel(objective, device_ids=[device] if cuda else None) if world > 1 else objective
     step_fn = torch.compile(net) if cfg.compile else net
+    sampler.repeats = cfg.repeated_aug  # the dataset decodes each repeat into a view of its own
     opt = make_optimizer(objective, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, len(sampler)))
     # Workers are started anew each epoch: a persistent worker keeps its copy of the dataset at epoch 0 forever.

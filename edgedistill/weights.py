@@ -184,6 +184,70 @@ def lora_folder(lora_id: str, download: bool) -> str | None:
     return str(Path(found).parent) if found else None
 
 
+def missing_generator_downloads(cfg) -> list[str]:
+    """[] when the hub weights the generator of ``cfg`` loads (its pipeline, its LoRA) are on this machine, else [one
+    sentence naming every one that is not], phrased as the teachers' and the datasets' are (the pipeline's preflight
+    puts them all in one message). Nothing is built: the Hugging Face cache is looked at, and with internet what is
+    missing downloads now (``DiffusionPipeline.download``), so a misspelt or gated model fails before any data work.
+    Tiny in-code generators and a local ``synthetic.weights`` folder need nothing."""
+    from .data.generators import GENERATORS, resolve_settings
+    from .local_weights import hub_cache
+
+    entry, s = GENERATORS.get(cfg.generator), resolve_settings(cfg)
+    revision = entry.revision if s.model_id == entry.model_id and entry.revision else None
+    wants = []  # (what, lookup(download) -> local folder or None)
+    if entry.build is None and not cfg.weights and not Path(s.model_id).is_dir():  # a folder loads as it is
+        wants.append((f"the diffusers weights {s.model_id!r}", lambda d: cached_pipeline(s.model_id, revision, d)))
+    if s.lora_id and not Path(s.lora_id).exists():
+        wants.append((f"the LoRA {s.lora_id!r}", lambda d: lora_folder(s.lora_id, d)))
+    missing, reasons = [], []
+    for what, lookup in wants:
+        reason = "not there, and HF_HUB_OFFLINE is set, so nothing is downloaded"
+        try:
+            if lookup(False) or (not offline() and lookup(True)):
+                continue
+        except ImportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - no internet, a gated or misspelt repo: one sentence
+            reason = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+        missing.append(what)
+        reasons += [reason] if reason not in reasons else []
+    if not missing:
+        return []
+    return [f"Generator {entry.name!r} needs {' and '.join(missing)}: they download on first use with internet and "
+            f"are cached under {hub_cache()} (loading failed: {'; '.join(reasons)})."]
+
+
+def cached_pipeline(model_id: str, revision, download: bool) -> str | None:
+    """The pipeline's snapshot folder in the hub cache (``download``: fetched first), or None. A pipeline whose
+    ``model_index.json`` is not cached is known absent without importing diffusers (seconds on a small CPU)."""
+    from pathlib import Path
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if not download and not isinstance(try_to_load_from_cache(model_id, "model_index.json", revision=revision), str):
+        return None
+    folder = pipeline_folder(model_id, revision, download)
+    return folder if download or folder is None or components_present(Path(folder)) else None
+
+
+def components_present(folder) -> bool:
+    """Whether every component ``model_index.json`` names has its files in the snapshot ``folder`` (a folder that is
+    not empty; one with a ``config.json`` also holds weights): ``DiffusionPipeline.download(local_files_only=True)``
+    finds a snapshot but takes one that an interrupted download left half-made for a whole one. The safety checker
+    is left out: the pipelines here are built without it, so a cache they filled lacks it."""
+    import json
+
+    for name, spec in json.loads((folder / "model_index.json").read_text()).items():
+        if name.startswith("_") or name == "safety_checker" or not isinstance(spec, list) or None in spec:
+            continue
+        sub = folder / name
+        files = [p.name for p in sub.iterdir() if p.exists()] if sub.is_dir() else []  # exists: a link's blob too
+        if not files or ("config.json" in files and not any(f.endswith((".safetensors", ".bin")) for f in files)):
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Fetching, and where each weight came from
 
@@ -235,10 +299,14 @@ def provenance(recipe) -> dict:
 
 
 def write_provenance(run):
-    """``RUN/weights.json``: where every weight the run loads came from and its sha256."""
+    """``RUN/weights.json``: where every weight the run loads came from and its sha256, and the earlier student its
+    own starts from (``student.init_from``: what it named, the model.pt and its sha256)."""
     from .utils import write_json
 
-    write_json(run.dir / "weights.json", provenance(run.recipe))
+    record = provenance(run.recipe)
+    if run.student_init:
+        record["student.init_from"] = {"source": "local", **run.student_init}
+    write_json(run.dir / "weights.json", record)
 
 
 # ---------------------------------------------------------------------------------------------------------------

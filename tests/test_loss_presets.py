@@ -77,8 +77,9 @@ def fake_run_recipe(calls):
         means = {m: {k: v["mean"] for k, v in agg[m].items()} for m in ("student", "baseline")}
         (out / "metrics.json").write_text(json.dumps({**means, "seeds": agg, "n_seeds": seeds,
                                                       "validation": {"student": {"balanced_accuracy": base + 6}}}))
-        (out / "bench.json").write_text(json.dumps([{"backend": "onnxruntime", "precision": "fp32", "batch": 1,
-                                                     "p50_ms": 1.0}]))
+        (out / "seed-0").mkdir()  # with seeds, seed 0's student is exported and benchmarked in its own folder
+        (out / "seed-0" / "bench.json").write_text(json.dumps([{"backend": "onnxruntime", "precision": "fp32",
+                                                                "batch": 1, "p50_ms": 1.0}]))
     return run_recipe
 
 
@@ -95,6 +96,7 @@ def test_sweep_over_two_presets_tabulates_intervals(tiny_path, tmp_path, monkeyp
     # two seeds 2 points apart: s = sqrt(2), half-width t(0.975, 1) * s / sqrt(2) = 12.706
     assert "| kd | 2 | 76.00 ± 12.71 | 70.00 ± 12.71 | 71.00 ± 12.71 | 60.00 ± 0.00 |" in md
     assert "| dkd | 2 | 86.00 ± 12.71 | 80.00 ± 12.71 | 81.00 ± 12.71 | 60.00 ± 0.00 |" in md
+    assert "| kd | onnxruntime | fp32 | 1 | 71 | 1 |  |" in md
     assert [a["point"] for a in json.loads((out / "sweep.json").read_text())["accuracy"]] == [{"loss": "kd"},
                                                                                                {"loss": "dkd"}]
 

@@ -81,6 +81,25 @@ def test_same_data_elsewhere_gives_the_same_weights(tmp_path, image_folder):
     assert same_weights(weights(a, "baseline"), weights(b, "baseline"))
 
 
+def test_sweep_points_share_one_baseline_per_seed(tmp_path, image_folder):
+    # Two loss presets in one shared folder (what `recipe sweep loss=kd,hard_kd` does): the baseline leaves the
+    # losses out, so it is trained once and each point gets that same baseline, equal to a plain run's.
+    from edgedistill.checks import load_checked
+    from edgedistill.pipeline import run_recipe as run_point
+
+    path = write_recipe(tmp_path / "r.yaml", recipe_with(image_folder, epochs=2))
+    shared = tmp_path / "sweep"
+    for preset in ("kd", "hard_kd"):
+        run_point(load_checked(str(path), [f"loss={preset}"]), shared / "points" / preset, shared_dir=shared)
+    assert len(list((shared / "baselines").iterdir())) == 1
+    a, b = (weights(shared / "points" / p, "baseline") for p in ("kd", "hard_kd"))
+    plain = run_recipe(tmp_path, recipe_with(image_folder, epochs=2), tmp_path / "plain")
+    assert same_weights(a, b) and same_weights(a, weights(plain, "baseline"))
+    assert not same_weights(weights(shared / "points" / "kd"), weights(shared / "points" / "hard_kd"))
+    saved = torch.load(shared / "points" / "hard_kd" / "baseline" / "model.pt", weights_only=False)
+    assert saved["recipe"]["loss"]["hard_kd"] == 0.5  # the copy records its own run's recipe
+
+
 def test_data_workers_give_the_same_weights_as_the_main_process(tmp_path, image_folder):
     # Each epoch picks other fixed views per image; a worker must see the epoch (a persistent worker kept epoch 0's
     # picks forever), so 2 workers train exactly what the main process alone trains.

@@ -21,6 +21,9 @@ LOSS_PRESETS: dict[str, dict] = {
     # [P1] Table I "CRD combined with KD" as RepDistiller's CRD+KD: CE 1 (-r 1), KD 1 (-a 1, kd_T 4), CRD 0.8
     # (-b 0.8), nce_t 0.07, momentum 0.5. P1's "tau = 0.5" is not said to be CRD's; crd_negatives stays 4096.
     "crd": {"ce": 1.0, "kd": 1.0, "crd": 0.8, "temperature": 4.0, "crd_tau": 0.07, "crd_momentum": 0.5},
+    # [P3] Eq. 1 and Table 4 "BCE+KL" (its best, 80.89 with BEiTv2-L -> ResNet50): BCE label loss as RSB + KD, a =
+    # 0.5; T = 1, the default of vanillaKD's train-kd.py (--temperature 1; the paper's text gives no T).
+    "bce_kd": {"bce": 0.5, "kd": 0.5, "temperature": 1.0},
     # [P3] Eq. 3 and Table 4 "BCE+BKL": BCE label loss as RSB, binary KL, a = 0.5 as P3 Eq. 1.
     "bkl": {"bce": 0.5, "bkl": 0.5},
     # [P2] L = l1 CE + l2 L_Embed + l3 KD with l1 = l2 = l3 = 1 (KD's T not given: the default 2), L_Embed being:
