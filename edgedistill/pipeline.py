@@ -133,12 +133,35 @@ def preflight_weights(run: Run, problems=()):
         from .weights import missing_generator_downloads
 
         problems += missing_generator_downloads(recipe.synthetic)
+    if offline():
+        problems += init_recipe_downloads(run, problems)
     if problems:
         raise WeightsUnavailable("\n  ".join(problems))
     if distributed.is_main():
         from .weights import write_provenance
 
         write_provenance(run)  # RUN/weights.json: where each weight came from, and its sha256
+
+
+def init_recipe_downloads(run: Run, known=()) -> list[str]:
+    """Offline: what the recipe of ``student.init_from: recipe:NAME`` lacks (its dataset, teacher, student and
+    generator) and ``known`` does not say already, unless it has finished, so one message names the downloads of
+    both stages; each sentence says which recipe it is for."""
+    from .checks import init_recipe
+    from .data.remote import missing_downloads
+    from .students import INIT_RECIPE
+    from .weights import missing_generator_downloads
+
+    if not run.recipe.student.init_from.startswith(INIT_RECIPE):
+        return []
+    earlier = init_recipe(run.recipe)
+    if (run.shared / "init" / earlier.name / "metrics.json").exists():
+        return []
+    found = missing_downloads(earlier.data) + list(uncached_weights(earlier).values())
+    if earlier.synthetic is not None:
+        found += missing_generator_downloads(earlier.synthetic)
+    found = [f"{earlier.name} (student.init_from, run first): {p}" for p in found if p not in known]
+    return found + init_recipe_downloads(Run(run.shared / "init" / earlier.name, earlier), [*known, *found])
 
 
 def uncached_weights(recipe: Recipe) -> dict[str, str]:

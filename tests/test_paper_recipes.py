@@ -199,6 +199,10 @@ def expected_downloads(recipe) -> list[str]:
         names.append(f"the torchvision dataset {dataset[len('torchvision/'):]!r}")
     elif dataset.startswith("hf/"):
         names.append(f"the Hugging Face dataset {dataset[len('hf/'):]!r}")
+    if s.init_from.startswith("recipe:"):  # P4's stage 1 runs first: its downloads belong in the same message
+        from edgedistill.checks import init_recipe
+
+        names += expected_downloads(init_recipe(recipe))
     return names
 
 
