@@ -34,6 +34,8 @@ def check_registered_names(recipe: Recipe):
     # 1. Names looked up in a registry.
     check_dataset(recipe.data, DATASETS)  # registered, torchvision/<Class> or hf/<id>; the data.hf_* keys
     pairs = [("teacher.name", recipe.teacher.name, TEACHERS), ("data.augment", recipe.data.augment, AUGMENTS)]
+    if recipe.data.student_augment:
+        pairs.append(("data.student_augment", recipe.data.student_augment, AUGMENTS))
     if recipe.student.packaged_weights:
         pairs.append(("student.packaged_weights", recipe.student.packaged_weights, PACKAGED_WEIGHTS))
     if recipe.eval.corruptions not in (("default",), ("all",)):
@@ -52,6 +54,10 @@ def check_registered_names(recipe: Recipe):
 
         check_synth(recipe)
     check_timm_name("student.name", recipe.student.name)
+    if recipe.student.pool != "avg":
+        from .students import check_pool
+
+        check_pool(recipe.student)
     if recipe.export is not None:
         from .export import check_export_request
 

@@ -22,6 +22,11 @@ def student_spec(run: Run, feats: dict, backbone=None):
     return spec
 
 
+def noise_key(r: Recipe) -> list:
+    """``data.student_augment`` in a training stage's key; nothing when unset, so older run folders still resume."""
+    return [["student_augment", r.data.student_augment]] if r.data.student_augment else []
+
+
 def validation_hook(run: Run, split: dict, spec):
     """``train``'s per-epoch evaluation: top-1 on the validation split (never the test split), or None."""
     if not run.recipe.train.eval_every or not split["val"]:
@@ -56,7 +61,7 @@ def distill(run: Run, split: dict, feats: dict, head, items: list, teacher_featu
     spec = student_spec(run, feats, model.backbone)
     online = r.train.teacher == "online"
     dataset = DistillSet(items, spec.to_dict(), feats["input"], r.data.augment, r.data.views, spec.crop_pct,
-                         r.train.seed, online=online, n_real=n_real)
+                         r.train.seed, online=online, n_real=n_real, student_augment=r.data.student_augment)
     sampler = GlobalBatchSampler(n_real, len(items) - n_real, r.train.batch_size, r.train.seed, r.train.real_fraction)
     rows = train(model, dataset, sampler, r.train, r.loss, folder, key, teacher=TeacherForTraining(run, head),
                  teacher_features=teacher_features, workers=r.data.num_workers, desc="distill", device=run.device,
@@ -89,7 +94,7 @@ def stage_distill(run: Run, split: dict, feats: dict, views, head, synth) -> dic
     key = fingerprint([run.keys["probe"], run.keys.get("views"), run.keys.get("synth"), to_plain(r.student),
                        to_plain(r.loss), fingerprinted(r.train), r.data.augment, r.data.views, r.data.mixup,
                        r.data.cutmix, r.data.image_size, r.data.crop_pct, r.data.real_train, r.eval.zero_shot,
-                       r.eval.synthetic_holdout] + run.init_key())
+                       r.eval.synthetic_holdout] + noise_key(r) + run.init_key())
     folder = run.dir / "student"
 
     def compute():
@@ -160,7 +165,7 @@ def stage_baseline(run: Run, split: dict, feats: dict, synth) -> dict:
     n_real = len(real_items(split)) if r.data.real_train else 0
     budget = GlobalBatchSampler(n_real, n_synth, r.train.batch_size, r.train.seed, r.train.real_fraction).epoch_size()
     key = fingerprint([run.keys["features"], to_plain(r.student), fingerprinted(r.train), r.data.augment, r.data.views,
-                       r.data.image_size, r.data.crop_pct, r.loss.label_smoothing, budget] + run.init_key())
+                       r.data.image_size, r.data.crop_pct, r.loss.label_smoothing, budget] + noise_key(r) + run.init_key())
     folder = run.dir / "baseline"
     # In a sweep every point of a seed trains the very same baseline (its key leaves the losses out): train it once
     # in the shared folder, and give each point its own copy.
@@ -180,7 +185,7 @@ def stage_baseline(run: Run, split: dict, feats: dict, synth) -> dict:
         spec = student_spec(run, feats, model.backbone)
         items = labelled_items(split)  # never an unlabelled image
         dataset = DistillSet(items, spec.to_dict(), None, r.data.augment, r.data.views, spec.crop_pct,
-                             r.train.seed, online=r.train.teacher == "online")
+                             r.train.seed, online=r.train.teacher == "online", student_augment=r.data.student_augment)
         sampler = GlobalBatchSampler(len(items), 0, r.train.batch_size, r.train.seed, epoch_size=budget)
         ce_only = losses.only(r.loss, ce=1.0)
         train(model, dataset, sampler, r.train, ce_only, trained, key, workers=r.data.num_workers,

@@ -57,6 +57,10 @@ class DataCfg:
     crop_pct: float = num(0.0, ge=0, le=1)  # centre-crop fraction of every view, teacher's and student's; 0: teacher's
     augment: str = "light"              # a name in data.AUGMENTS
     views: int = num(1, ge=1)           # fixed augmented views per image whose teacher outputs are cached
+    # Noisy Student (Xie et al. 2020): a fresh augmentation (a name in data.AUGMENTS) of the student's input each
+    # epoch, on top of the view whose teacher output is cached; the teacher's target stays that of the view. Only
+    # for augmentations that keep the label (flips and right-angle turns of a texture); "" for none.
+    student_augment: str = ""
     mixup: float = num(0.0, ge=0)       # Mixup alpha on real images only (P1); 0 disables; needs the online teacher
     cutmix: float = num(0.0, ge=0)      # CutMix alpha on real images only (P3); with mixup too, each batch picks one
     num_workers: int = num(0, ge=0)
@@ -109,6 +113,9 @@ class StudentCfg:
     embed_dim: int = num(0, ge=0)       # projection size for feature losses; 0: the teacher's feature size
     drop_path: float = num(0.0, ge=0, lt=1)
     drop_rate: float = num(0.0, ge=0, lt=1)
+    # How the final feature map is pooled: avg (the model's own) or avgmax (average and max pooling concatenated, as
+    # teacher.pool: max pooling keeps a small, local cue that averaging over the whole image washes out)
+    pool: str = one_of("avg", "avgmax")
     model_kwargs: dict[str, typing.Any] = field(default_factory=dict)  # extra timm create_model arguments
 
 

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import distributed
-from .data import resize_normalize, view_image
+from .data import AUGMENTS, resize_normalize, view_image
 from .data.cache import view_seed
 from .objective import Objective
 from .tensorboard_log import ScalarLog
@@ -51,10 +51,13 @@ class DistillSet(Dataset):
     """Yields (student image, teacher image or empty, label, item index, view) for one epoch."""
 
     def __init__(self, items, student_spec: dict, teacher_spec: dict | None, augment: str, views: int,
-                 crop_pct: float, seed: int, online: bool, n_real: int | None = None):
+                 crop_pct: float, seed: int, online: bool, n_real: int | None = None, student_augment: str = ""):
         """``items[:n_real]`` are real images, whose fixed views are drawn under ``seed`` (each seed has its own
-        augmented views); the rest (synthetic) keep the views their shared cache was computed with (salt 0)."""
+        augmented views); the rest (synthetic) keep the views their shared cache was computed with (salt 0).
+        ``student_augment`` (``data.student_augment``): a fresh augmentation of the student's image each epoch on top
+        of the view, which is what the teacher saw (Noisy Student)."""
         self.items, self.sspec, self.tspec = items, student_spec, teacher_spec
+        self.student_augment = student_augment
         self.augment, self.views, self.crop_pct, self.seed, self.online = augment, views, crop_pct, seed, online
         self.n_real = len(items) if n_real is None else n_real
         self.epoch = 0
@@ -79,8 +82,11 @@ class DistillSet(Dataset):
                 view = int(([view] + others.tolist())[r % self.views])
             vseed = view_seed(path, view, self.seed if i < self.n_real else 0)
         img = view_image(path, self.augment, vseed, self.crop_pct)
-        s = torch.from_numpy(resize_normalize(img, self.sspec))
         t = torch.from_numpy(resize_normalize(img, self.tspec)) if self.online and self.tspec else torch.empty(0)
+        if self.student_augment:  # the view is already cropped: crop nothing more
+            rng = np.random.default_rng(derived_seed("student", self.seed, self.epoch, i, *((r,) if r else ())))
+            img = AUGMENTS.get(self.student_augment)(img, rng, 1.0)
+        s = torch.from_numpy(resize_normalize(img, self.sspec))
         return s, t, label, i, view
 
 

@@ -57,14 +57,15 @@ def fit_head(student, items):
     return student
 
 
-def make_run(root: Path, zero_shot: bool = False, student: str = "test_efficientnet", **sections) -> Path:
+def make_run(root: Path, zero_shot: bool = False, student: str = "test_efficientnet", student_pool: str = "avg",
+             **sections) -> Path:
     """A run folder as the pipeline writes it: recipe.yaml, split.json, student/model.pt, metrics.json.
 
     ``sections`` add recipe sections (e.g. ``synthetic``) to the recipe the student is saved with.
     """
     torch.manual_seed(0)
     train, test = colour_images(root / "data" / "train", 16, 0), colour_images(root / "data" / "test", 10, 1)
-    raw = {"name": "tiny", "student": {"name": student}, "data": {"image_size": SPEC.size},
+    raw = {"name": "tiny", "student": {"name": student, "pool": student_pool}, "data": {"image_size": SPEC.size},
            "loss": {"feature_l2": 1.0} if zero_shot else {"ce": 1.0}, "eval": {"zero_shot": zero_shot}, **sections}
     recipe = build(Recipe, raw, "")
     text = torch.nn.functional.normalize(torch.randn(len(CLASSES), 16), dim=-1) if zero_shot else None
