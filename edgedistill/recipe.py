@@ -144,6 +144,9 @@ class LossCfg:
     multi_positive: float = weight()    # multi-positive loss over class captions (P4 App. A.15); teacher.head zeroshot
     temperature: float = num(2.0, gt=0)  # kd and dkd
     label_smoothing: float = num(0.0, ge=0, lt=1)  # ce and bce
+    # hard_kd: weight each image by the inverse count of its teacher class in the batch, so every class the teacher
+    # sees in the batch counts equally (the batch-level counterpart of balanced accuracy)
+    class_balance: bool = False
     proj_dim: int = num(128, ge=1)      # projector size for align_uniform, infonce and crd
     dkd_alpha: float = num(1.0, ge=0)   # TCKD weight (mdistiller: 1)
     dkd_beta: float = num(8.0, ge=0)    # NCKD weight (mdistiller: 8 on CIFAR, 0.5 on ImageNet)

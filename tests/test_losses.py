@@ -24,6 +24,34 @@ def test_hard_kd_is_ce_against_teacher_argmax():
     assert losses.hard_kd(s, t).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_class_balanced_hard_kd_weighs_each_teacher_class_equally():
+    s = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    t = torch.tensor([[5.0, 0.0, 0.0], [4.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 5.0]])  # classes 0, 0, 0, 2
+
+    def ce(row, k):
+        return -math.log(math.exp(row[k]) / sum(math.exp(v) for v in row))
+
+    rows = s.tolist()
+    class0 = (ce(rows[0], 0) + ce(rows[1], 0) + ce(rows[2], 0)) / 3
+    assert losses.hard_kd(s, t, class_balance=True).item() == pytest.approx((class0 + ce(rows[3], 2)) / 2, rel=1e-6)
+    plain = sum(ce(r, k) for r, k in zip(rows, (0, 0, 0, 2))) / 4
+    assert losses.hard_kd(s, t).item() == pytest.approx(plain, rel=1e-6)  # off: the plain mean over images
+
+
+def test_the_recipe_key_loss_class_balance_reaches_hard_kd():
+    from edgedistill.losses.base import ENTRIES, LossInputs
+    from edgedistill.recipe import LossCfg
+
+    s = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    t = torch.tensor([[5.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    b = LossInputs(logits=s, teacher_logits=t)
+    term = ENTRIES["hard_kd"].term
+    for balance in (False, True):
+        got = term(b, None, LossCfg(hard_kd=1.0, class_balance=balance))
+        assert got.item() == pytest.approx(losses.hard_kd(s, t, class_balance=balance).item())
+    assert term(b, None, LossCfg(hard_kd=1.0, class_balance=True)) != term(b, None, LossCfg(hard_kd=1.0))
+
+
 def test_feature_l2_uses_normalised_embeddings():
     s = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
     t = torch.tensor([[10.0, 0.0], [5.0, 0.0]])

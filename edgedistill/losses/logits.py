@@ -23,9 +23,18 @@ def kd(student_logits, teacher_logits, temperature: float = 2.0):
     return T * T * torch.sum(log_p_t.exp() * (log_p_t - log_p_s), dim=-1).mean()
 
 
-def hard_kd(student_logits, teacher_logits):
-    """Hard-label KD (P1 Table I): cross-entropy against the teacher's argmax."""
-    return F.cross_entropy(student_logits, teacher_logits.detach().argmax(dim=-1))
+def hard_kd(student_logits, teacher_logits, class_balance: bool = False):
+    """Hard-label KD (P1 Table I): cross-entropy against the teacher's argmax.
+
+    ``class_balance``: the mean over the teacher's classes present in the batch of each class's mean loss, so a rare
+    class (a defect) weighs as much as the majority.
+    """
+    target = teacher_logits.detach().argmax(dim=-1)
+    if not class_balance:
+        return F.cross_entropy(student_logits, target)
+    per_image = F.cross_entropy(student_logits, target, reduction="none")
+    weight = 1.0 / torch.bincount(target, minlength=student_logits.shape[-1]).to(per_image.dtype)[target]
+    return (weight * per_image).sum() / weight.sum()
 
 
 def dkd(student_logits, teacher_logits, target, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0):
@@ -108,7 +117,7 @@ def _kd(b, module, cfg):
 
 @register_loss("hard_kd", needs=("logits", "teacher_logits"))
 def _hard_kd(b, module, cfg):
-    return hard_kd(b.logits, b.teacher_logits)
+    return hard_kd(b.logits, b.teacher_logits, cfg.class_balance)
 
 
 @register_loss("dkd", needs=("logits", "teacher_logits", "labels"))
