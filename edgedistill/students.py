@@ -67,12 +67,6 @@ class LogitsOnly(nn.Module):
         return out["logits"] if "logits" in out else out["embedding"]
 
 
-def pooled_multiple(backbone: nn.Module) -> int:
-    """How many times the feature width the backbone's pooling returns (2 for concatenated avg and max pooling)."""
-    pool = getattr(backbone, "global_pool", None)
-    return pool.feat_mult() if hasattr(pool, "feat_mult") else 1
-
-
 def set_pool(model: nn.Module, cfg) -> nn.Module:
     """``student.pool``: avgmax is timm's concatenated average and max pooling ahead of our own heads."""
     if cfg.pool == "avg":
@@ -85,7 +79,7 @@ def set_pool(model: nn.Module, cfg) -> nn.Module:
         raise RecipeError(f"Recipe key 'student.pool': {cfg.name!r} cannot pool its feature map by {cfg.pool!r} "
                           f"({e}); use 'avg', or a student whose pooled features feed the classifier directly "
                           "(EfficientNet, ResNet)") from None
-    if pooled_multiple(model) != 2 or getattr(model, "head_hidden_size", 0) != 2 * model.num_features:
+    if getattr(model, "head_hidden_size", 0) != 2 * model.num_features:  # the width Student sizes its heads by
         raise RecipeError(f"Recipe key 'student.pool': {cfg.name!r} does not pool through timm's selectable pooling, "
                           "so 'avgmax' cannot apply; use 'avg'")
     return model

@@ -12,6 +12,7 @@ from conftest import tiny_recipe, write_recipe
 from edgedistill.checks import load_checked
 from edgedistill.cli import main
 from edgedistill.data import resize_normalize, view_image
+from edgedistill.data.cache import view_seed
 from edgedistill.recipe import RecipeError
 from edgedistill.train import DistillSet
 
@@ -49,7 +50,6 @@ def test_student_gets_fresh_turns_of_the_cached_view_the_teacher_saw(items, view
         for i, (path, _) in enumerate(items):
             s, t, label, idx, view = ds[i]
             assert t.numel() == 0 and idx == i and 0 <= view < views  # the target is a cached view's
-            from edgedistill.data.cache import view_seed
             base = view_image(path, "flip_rotate", view_seed(path, view, 0), 1.0)
             turns.setdefault(i, set()).add((view, which_turn(s, base)))
             assert torch.equal(ds[i][0], s)  # a function of (seed, epoch, item): a resumed run draws it again
