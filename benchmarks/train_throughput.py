@@ -19,7 +19,7 @@ import torch
 from edgedistill.checks import load_checked
 from edgedistill.data import make_split, resize_normalize, view_image
 from edgedistill.data.cache import FeatureCache
-from edgedistill.students import build_student, student_input_spec
+from edgedistill.students import build_student, freeze_stages, student_input_spec
 from edgedistill.teacher_runtime import feature_teacher
 from edgedistill.teachers import build_teacher
 
@@ -85,8 +85,10 @@ def main(argv=None):
         print(f"{name:<24}{forward[name]:>14.1f}{forward[name] / forward['pytorch']:>7.2f}"
               f"{fill[name]:>22.1f}{fill[name] / fill['pytorch']:>7.2f}")
 
-    # 3. One student optimisation step (forward, backward, AdamW) at the student's size.
-    model = build_student(recipe, len(split["classes"]), teacher.feature_dim).to(args.device).train()
+    # 3. One student optimisation step (forward, backward, AdamW) at the student's size, with the recipe's frozen
+    # stages (student.freeze_stages) frozen as training freezes them.
+    model = freeze_stages(build_student(recipe, len(split["classes"]), teacher.feature_dim), recipe.student)
+    model = model.to(args.device).train()
     model.to(memory_format=torch.channels_last)
     size = student_input_spec(recipe, model.backbone).size
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -98,7 +100,8 @@ def main(argv=None):
         (out["logits"].sum() if "logits" in out else out["embedding"].sum()).backward()
         opt.step()
         opt.zero_grad()
-    print(f"student step ({recipe.student.name} @ {size}px, batch {len(xs)}): "
+    print(f"student step ({recipe.student.name} @ {size}px, batch {len(xs)}, "
+          f"{recipe.student.freeze_stages} stages frozen): "
           f"{rate(step, len(xs), args.repeats):.1f} img/s")
 
 

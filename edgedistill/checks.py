@@ -58,6 +58,10 @@ def check_registered_names(recipe: Recipe):
         from .students import check_pool
 
         check_pool(recipe.student)
+    if recipe.student.freeze_stages:
+        from .students import check_freeze
+
+        check_freeze(recipe.student)
     if recipe.export is not None:
         from .export import check_export_request
 

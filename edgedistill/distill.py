@@ -9,7 +9,7 @@ from .data.cache import RealViews
 from .recipe import Recipe, fingerprinted, to_plain
 from .run_folder import STAGE_VERSIONS, Run
 from .stages import labelled_items, real_items
-from .students import build_student, save_student, student_input_spec
+from .students import build_student, freeze_stages, save_student, student_input_spec
 from .teachers import ZeroShotHead, head_layout
 from .train import DistillSet, GlobalBatchSampler, TeacherFeatures, predict, train
 from .utils import fingerprint
@@ -56,8 +56,8 @@ def distill(run: Run, split: dict, feats: dict, head, items: list, teacher_featu
     """Train the recipe's student on ``items`` (real first, then synthetic) against the teacher; returns its log."""
     r = run.recipe
     text = head.text if r.eval.zero_shot and isinstance(head, ZeroShotHead) else None
-    model = build_student(r, len(split["classes"]), feats["dim"], text, backbone=run.student_backbone(),
-                          init=run.init_file)
+    model = freeze_stages(build_student(r, len(split["classes"]), feats["dim"], text, backbone=run.student_backbone(),
+                                        init=run.init_file), r.student)
     spec = student_spec(run, feats, model.backbone)
     online = r.train.teacher == "online"
     dataset = DistillSet(items, spec.to_dict(), feats["input"], r.data.augment, r.data.views, spec.crop_pct,
@@ -180,8 +180,8 @@ def stage_baseline(run: Run, split: dict, feats: dict, synth) -> dict:
         return {"epochs": r.train.epochs, "trained_in": str(trained)}
 
     def train_baseline():
-        model = build_student(r, len(split["classes"]), 0, baseline=True, backbone=run.student_backbone(),
-                              init=run.init_file)
+        model = freeze_stages(build_student(r, len(split["classes"]), 0, baseline=True, backbone=run.student_backbone(),
+                                            init=run.init_file), r.student)
         spec = student_spec(run, feats, model.backbone)
         items = labelled_items(split)  # never an unlabelled image
         dataset = DistillSet(items, spec.to_dict(), None, r.data.augment, r.data.views, spec.crop_pct,

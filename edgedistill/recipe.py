@@ -116,6 +116,10 @@ class StudentCfg:
     # How the final feature map is pooled: avg (the model's own) or avgmax (average and max pooling concatenated, as
     # teacher.pool: max pooling keeps a small, local cue that averaging over the whole image washes out)
     pool: str = one_of("avg", "avgmax")
+    # The stem and the first N stages (timm's coarse layer groups: EfficientNet/MobileNet block stages, ResNet
+    # layers, ViT blocks) keep their starting weights and BatchNorm statistics while the student (and the baseline)
+    # train: no gradient reaches them, so each step skips their backward pass. For a pretrained student. 0: all train.
+    freeze_stages: int = num(0, ge=0)
     model_kwargs: dict[str, typing.Any] = field(default_factory=dict)  # extra timm create_model arguments
 
 

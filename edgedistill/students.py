@@ -42,6 +42,13 @@ class Student(nn.Module):
         self.proj = nn.Linear(F, embed_dim) if embed_dim else None
         self.classifier = nn.Linear(F, num_classes) if classifier else None
         self.zero_shot = zero_shot  # losses' projectors live with the losses (objective.py), never in the student
+        self.frozen: list[str] = []  # backbone modules kept in eval mode while training (freeze_stages)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen:  # frozen stages keep their BatchNorm statistics
+            self.backbone.get_submodule(name).eval()
+        return self
 
     def forward(self, x):
         f = self.backbone(x)
@@ -90,6 +97,46 @@ def check_pool(cfg):
     import timm
 
     set_pool(timm.create_model(student_arch(cfg), pretrained=False, num_classes=0, **dict(cfg.model_kwargs)), cfg)
+
+
+def stage_groups(backbone: nn.Module, cfg) -> tuple[dict, dict]:
+    """timm's coarse layer groups of ``backbone``: ({ordinal: parameter names}, {ordinal: module names}); 0 is the
+    stem. Refuses a ``student.freeze_stages`` the backbone cannot take."""
+    from timm.models import group_modules, group_parameters
+
+    from .recipe import RecipeError
+
+    try:
+        matcher = backbone.group_matcher(coarse=True)
+    except (AttributeError, NotImplementedError):
+        raise RecipeError(f"Recipe key 'student.freeze_stages': {cfg.name!r} does not name its stages to timm "
+                          "(no group_matcher); use 0") from None
+    params, modules = group_parameters(backbone, matcher), group_modules(backbone, matcher)
+    if cfg.freeze_stages > len(params) - 2:
+        raise RecipeError(f"Recipe key 'student.freeze_stages': {cfg.name!r} has a stem and {len(params) - 1} stages, "
+                          f"and its last stage must train: use 0 to {len(params) - 2}, not {cfg.freeze_stages}")
+    return params, modules
+
+
+def freeze_stages(student: Student, cfg) -> Student:
+    """``student.freeze_stages``: the stem and the first N stages stop training (no gradient, BatchNorm statistics
+    kept). Applied to a student about to train, never to one loaded for evaluation or export."""
+    if not cfg.freeze_stages:
+        return student
+    params, modules = stage_groups(student.backbone, cfg)
+    frozen = {n for g in range(cfg.freeze_stages + 1) for n in params[g]}
+    for name, p in student.backbone.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    student.frozen = [m for g in range(cfg.freeze_stages + 1) for m in modules[g]]
+    return student
+
+
+def check_freeze(cfg):
+    """Refuse a ``student.freeze_stages`` the architecture cannot take before any work (on a random copy)."""
+    import timm
+
+    stage_groups(timm.create_model(student_arch(cfg), pretrained=False, num_classes=0, **dict(cfg.model_kwargs)), cfg)
 
 
 def create_backbone(cfg) -> nn.Module:
