@@ -41,6 +41,8 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=192)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--student-only", action="store_true", help="only the student step (e.g. to compare "
+                   "student.freeze_stages=N overrides)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
@@ -54,7 +56,12 @@ def main(argv=None):
     print(f"host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device "
           f"{args.device}, torch {torch.__version__}; teacher {teacher.info.arch} @ {spec['size']}px, batch {B}, "
           f"{len(items)} images, median of {args.repeats}")
+    if not args.student_only:
+        teacher_passes(teacher, items, spec, crop, B, recipe, args)
+    student_step(recipe, len(split["classes"]), teacher.feature_dim, args)
 
+
+def teacher_passes(teacher, items, spec, crop, B, recipe, args):
     # 1. The teacher's forward alone, on the same preprocessed images, through each runtime.
     x = torch.from_numpy(np.stack([resize_normalize(view_image(path, "none", None, crop), spec) for path, _ in
                                    items[:B]]))
@@ -85,9 +92,12 @@ def main(argv=None):
         print(f"{name:<24}{forward[name]:>14.1f}{forward[name] / forward['pytorch']:>7.2f}"
               f"{fill[name]:>22.1f}{fill[name] / fill['pytorch']:>7.2f}")
 
-    # 3. One student optimisation step (forward, backward, AdamW) at the student's size, with the recipe's frozen
-    # stages (student.freeze_stages) frozen as training freezes them.
-    model = freeze_stages(build_student(recipe, len(split["classes"]), teacher.feature_dim), recipe.student)
+
+
+def student_step(recipe, num_classes, feature_dim, args):
+    """3. One student optimisation step (forward, backward, AdamW) at the student's size, with the recipe's frozen
+    stages (student.freeze_stages) frozen as training freezes them."""
+    model = freeze_stages(build_student(recipe, num_classes, feature_dim), recipe.student)
     model = model.to(args.device).train()
     model.to(memory_format=torch.channels_last)
     size = student_input_spec(recipe, model.backbone).size
