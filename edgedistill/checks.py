@@ -62,6 +62,10 @@ def check_registered_names(recipe: Recipe):
         from .students import check_freeze
 
         check_freeze(recipe.student)
+    if recipe.teacher.finetune_freeze_stages:
+        from .students import check_teacher_freeze
+
+        check_teacher_freeze(recipe.teacher)
     if recipe.export is not None:
         from .export import check_export_request
 

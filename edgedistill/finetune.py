@@ -16,6 +16,7 @@ from . import distributed
 from .recipe import LossCfg, fingerprinted, to_plain
 from .run_folder import Run
 from .stages import labelled_items
+from .students import freeze_first_stages
 from .teachers import build_teacher, make_probe_head, save_head
 from .train import DistillSet, GlobalBatchSampler, train
 from .utils import atomic_torch_save, derived_seed, fingerprint
@@ -27,6 +28,13 @@ class TeacherNet(nn.Module):
     def __init__(self, teacher, head: nn.Module):
         super().__init__()
         self.teacher, self.head = teacher, head
+        self.frozen: list[str] = []  # modules of teacher.model kept in eval mode (teacher.finetune_freeze_stages)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen:  # frozen stages keep their BatchNorm statistics
+            self.teacher.model.get_submodule(name).eval()
+        return self
 
     def forward(self, x):
         return {"logits": self.head(self.teacher._encode(x))}
@@ -44,7 +52,7 @@ def stage_finetune(run: Run, split: dict) -> dict | None:
     folder = run.shared / "teacher"
 
     def compute():
-        # 1. The pretrained teacher with a fresh head, every parameter trainable.
+        # 1. The pretrained teacher with a fresh head, every parameter trainable (but teacher.finetune_freeze_stages).
         torch.manual_seed(derived_seed("teacher-head", r.train.seed))
         teacher = build_teacher(t)
         crop = r.data.crop_pct or teacher.info.input.crop_pct  # the view every later stage uses (stages.view_crop)
@@ -52,6 +60,10 @@ def stage_finetune(run: Run, split: dict) -> dict | None:
         net = TeacherNet(teacher, head).train()
         for p in net.parameters():
             p.requires_grad_(True)
+        if t.finetune_freeze_stages:
+            net.frozen = freeze_first_stages(teacher.model, t.finetune_freeze_stages, "teacher.finetune_freeze_stages",
+                                             f"teacher {teacher.info.arch!r}")
+            net.train()
         # 2. The training loop on the labelled images alone, a fresh augmented view each epoch, CE only.
         spec = {**teacher.info.input.to_dict(), "crop_pct": crop}
         dataset = DistillSet(items, spec, None, r.data.augment, 1, crop, r.train.seed, online=True)

@@ -86,6 +86,9 @@ class TeacherCfg:
     finetune_epochs: int = num(10, ge=1)
     finetune_lr: float = num(1e-3, gt=0)  # AdamW; on the quickstart data 1.5e-3 converged, 1e-4 did not
     finetune_batch_size: int = num(16, ge=1)
+    # The stem and the first N stages of a timm teacher keep their pretrained weights and BatchNorm statistics
+    # during the fine-tune (as student.freeze_stages): a cheaper step. 0: the whole teacher trains.
+    finetune_freeze_stages: int = num(0, ge=0)
     runtime: str = one_of("auto", "pytorch", "onnxruntime", "openvino")  # what runs the feature pass (auto: fastest)
     n_cls_blocks: int = num(1, ge=1)    # DINOv2: concatenate the CLS tokens of the last n blocks (P1)
     avgpool: bool = False               # DINOv2: also append the average of the last block's patch tokens

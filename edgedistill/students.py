@@ -99,36 +99,42 @@ def check_pool(cfg):
     set_pool(timm.create_model(student_arch(cfg), pretrained=False, num_classes=0, **dict(cfg.model_kwargs)), cfg)
 
 
-def stage_groups(backbone: nn.Module, cfg) -> tuple[dict, dict]:
-    """timm's coarse layer groups of ``backbone``: ({ordinal: parameter names}, {ordinal: module names}); 0 is the
-    stem. Refuses a ``student.freeze_stages`` the backbone cannot take."""
+def stage_groups(model: nn.Module, n: int, key: str, what: str) -> tuple[dict, dict]:
+    """timm's coarse layer groups of ``model``: ({ordinal: parameter names}, {ordinal: module names}); 0 is the
+    stem. Refuses (naming the recipe ``key``) an ``n`` of stages to freeze that ``model`` cannot take."""
     from timm.models import group_modules, group_parameters
 
     from .recipe import RecipeError
 
     try:
-        matcher = backbone.group_matcher(coarse=True)
+        matcher = model.group_matcher(coarse=True)
     except (AttributeError, NotImplementedError):
-        raise RecipeError(f"Recipe key 'student.freeze_stages': {cfg.name!r} does not name its stages to timm "
-                          "(no group_matcher); use 0") from None
-    params, modules = group_parameters(backbone, matcher), group_modules(backbone, matcher)
-    if cfg.freeze_stages > len(params) - 2:
-        raise RecipeError(f"Recipe key 'student.freeze_stages': {cfg.name!r} has a stem and {len(params) - 1} stages, "
-                          f"and its last stage must train: use 0 to {len(params) - 2}, not {cfg.freeze_stages}")
+        raise RecipeError(f"Recipe key {key!r}: {what} does not name its stages to timm (no group_matcher); "
+                          "use 0") from None
+    params, modules = group_parameters(model, matcher), group_modules(model, matcher)
+    if n > len(params) - 2:
+        raise RecipeError(f"Recipe key {key!r}: {what} has a stem and {len(params) - 1} stages, and its last stage "
+                          f"must train: use 0 to {len(params) - 2}, not {n}")
     return params, modules
+
+
+def freeze_first_stages(model: nn.Module, n: int, key: str, what: str) -> list[str]:
+    """Stop the stem and the first ``n`` stages of a timm ``model`` training (``requires_grad`` off); returns the
+    names of their modules, which the caller keeps in eval mode so their BatchNorm statistics stay as they were."""
+    if not n:
+        return []
+    params, modules = stage_groups(model, n, key, what)
+    frozen = {name for g in range(n + 1) for name in params[g]}
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    return [m for g in range(n + 1) for m in modules[g]]
 
 
 def freeze_stages(student: Student, cfg) -> Student:
     """``student.freeze_stages``: the stem and the first N stages stop training (no gradient, BatchNorm statistics
     kept). Applied to a student about to train, never to one loaded for evaluation or export."""
-    if not cfg.freeze_stages:
-        return student
-    params, modules = stage_groups(student.backbone, cfg)
-    frozen = {n for g in range(cfg.freeze_stages + 1) for n in params[g]}
-    for name, p in student.backbone.named_parameters():
-        if name in frozen:
-            p.requires_grad_(False)
-    student.frozen = [m for g in range(cfg.freeze_stages + 1) for m in modules[g]]
+    student.frozen = freeze_first_stages(student.backbone, cfg.freeze_stages, "student.freeze_stages", repr(cfg.name))
     return student
 
 
@@ -136,7 +142,27 @@ def check_freeze(cfg):
     """Refuse a ``student.freeze_stages`` the architecture cannot take before any work (on a random copy)."""
     import timm
 
-    stage_groups(timm.create_model(student_arch(cfg), pretrained=False, num_classes=0, **dict(cfg.model_kwargs)), cfg)
+    model = timm.create_model(student_arch(cfg), pretrained=False, num_classes=0, **dict(cfg.model_kwargs))
+    stage_groups(model, cfg.freeze_stages, "student.freeze_stages", repr(cfg.name))
+
+
+def check_teacher_freeze(t):
+    """Refuse a ``teacher.finetune_freeze_stages`` before any work: it needs a fine-tuned timm teacher whose stages
+    it can take (tried on a randomly initialised copy of the architecture)."""
+    import timm
+
+    from .recipe import RecipeError
+    from .teachers.timm_teachers import timm_name
+
+    key = "teacher.finetune_freeze_stages"
+    if t.mode != "finetune":
+        raise RecipeError(f"Recipe key {key!r} applies only with teacher.mode: finetune (it is {t.mode!r}); use 0")
+    archs = {"timm": lambda: timm_name(t).split(".")[0], "efficientnet-lite": lambda: f"tf_efficientnet_{t.arch}"}
+    if t.name not in archs:
+        raise RecipeError(f"Recipe key {key!r} needs a timm teacher ({', '.join(archs)}), not {t.name!r}; use 0")
+    arch = archs[t.name]()
+    stage_groups(timm.create_model(arch, pretrained=False, num_classes=0), t.finetune_freeze_stages, key,
+                 f"teacher {arch!r}")
 
 
 def create_backbone(cfg) -> nn.Module:

@@ -55,3 +55,34 @@ def test_the_student_and_the_baseline_keep_the_frozen_stages_as_they_started(tmp
 def test_a_value_the_student_cannot_take_is_refused_naming_the_key(value, valid):
     with pytest.raises(RecipeError, match=f"student.freeze_stages.*{valid}"):
         load_checked("quickstart", [f"student.freeze_stages={value}"])
+
+
+def test_a_fine_tuned_teacher_keeps_its_frozen_stages_as_they_started(tmp_path, image_folder):
+    from edgedistill.recipe import load_recipe
+    from edgedistill.teachers import build_teacher
+
+    recipe = tiny_recipe(image_folder)
+    recipe["teacher"] = {"name": "efficientnet-lite", "arch": "lite0", "image_size": 32, "head": "linear",
+                         "mode": "finetune", "finetune_epochs": 1, "finetune_batch_size": 4, "finetune_lr": 0.003,
+                         "finetune_freeze_stages": 2, "runtime": "pytorch"}
+    recipe["train"]["epochs"] = 1
+    assert main(["recipe", "run", str(write_recipe(tmp_path / "r.yaml", recipe)), "--out", str(tmp_path / "run")]) == 0
+    tuned = torch.load(tmp_path / "run" / "teacher" / "model.pt", weights_only=True)
+    start = build_teacher(load_recipe(tmp_path / "run" / "recipe.yaml").teacher).state_dict()  # the ImageNet weights
+    head = ("model.conv_stem.", "model.bn1.", "model.blocks.0.", "model.blocks.1.")
+    frozen = [k for k in tuned if k.startswith(head) and "num_batches_tracked" not in k]
+    last = [k for k in tuned if k.startswith("model.blocks.6.") and "num_batches_tracked" not in k]
+    assert frozen and last
+    for k in frozen:  # weights and BatchNorm running statistics
+        torch.testing.assert_close(tuned[k], start[k], msg=f"teacher: {k} moved")
+    assert any(not torch.equal(tuned[k], start[k]) for k in last), "the teacher's last stage did not train"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher.finetune_freeze_stages=7"], "teacher.finetune_freeze_stages.*0 to 6"),
+    (["teacher.mode=probe", "teacher.finetune_freeze_stages=2"], "teacher.finetune_freeze_stages.*only with teacher.mode"),
+    (["teacher.name=tiny-cnn", "teacher.finetune_freeze_stages=2"], "teacher.finetune_freeze_stages.*timm teacher"),
+])
+def test_a_teacher_freeze_it_cannot_take_is_refused_naming_the_key(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_checked("quickstart", overrides)
