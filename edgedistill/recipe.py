@@ -86,9 +86,7 @@ class TeacherCfg:
     finetune_epochs: int = num(10, ge=1)
     finetune_lr: float = num(1e-3, gt=0)  # AdamW; on the quickstart data 1.5e-3 converged, 1e-4 did not
     finetune_batch_size: int = num(16, ge=1)
-    # The stem and the first N stages of a timm teacher keep their pretrained weights and BatchNorm statistics
-    # during the fine-tune (as student.freeze_stages): a cheaper step. 0: the whole teacher trains.
-    finetune_freeze_stages: int = num(0, ge=0)
+    finetune_freeze_stages: int = num(0, ge=0)  # as student.freeze_stages, for a fine-tuned timm teacher
     runtime: str = one_of("auto", "pytorch", "onnxruntime", "openvino")  # what runs the feature pass (auto: fastest)
     n_cls_blocks: int = num(1, ge=1)    # DINOv2: concatenate the CLS tokens of the last n blocks (P1)
     avgpool: bool = False               # DINOv2: also append the average of the last block's patch tokens
@@ -119,9 +117,8 @@ class StudentCfg:
     # How the final feature map is pooled: avg (the model's own) or avgmax (average and max pooling concatenated, as
     # teacher.pool: max pooling keeps a small, local cue that averaging over the whole image washes out)
     pool: str = one_of("avg", "avgmax")
-    # The stem and the first N stages (timm's coarse layer groups: EfficientNet/MobileNet block stages, ResNet
-    # layers, ViT blocks) keep their starting weights and BatchNorm statistics while the student (and the baseline)
-    # train: no gradient reaches them, so each step skips their backward pass. For a pretrained student. 0: all train.
+    # The stem and the first N stages (timm's coarse layer groups) keep their starting weights and BatchNorm
+    # statistics while the student and the baseline train: a cheaper step. 0: all train.
     freeze_stages: int = num(0, ge=0)
     model_kwargs: dict[str, typing.Any] = field(default_factory=dict)  # extra timm create_model arguments
 
