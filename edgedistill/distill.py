@@ -91,7 +91,7 @@ def training_items(run: Run, split: dict, views: RealViews | None, synth) -> tup
 
 def stage_distill(run: Run, split: dict, feats: dict, views, head, synth) -> dict:
     r = run.recipe
-    key = fingerprint([run.keys["probe"], run.keys.get("views"), run.keys.get("synth"), to_plain(r.student),
+    key = fingerprint([run.keys["probe"], run.keys.get("views"), run.keys.get("synth"), fingerprinted(r.student),
                        to_plain(r.loss), fingerprinted(r.train), r.data.augment, r.data.views, r.data.mixup,
                        r.data.cutmix, r.data.image_size, r.data.crop_pct, r.data.real_train, r.eval.zero_shot,
                        r.eval.synthetic_holdout] + noise_key(r) + run.init_key())
@@ -164,8 +164,9 @@ def stage_baseline(run: Run, split: dict, feats: dict, synth) -> dict:
     n_synth = len(synth_split(run, synth)[0]) if synth is not None else 0
     n_real = len(real_items(split)) if r.data.real_train else 0
     budget = GlobalBatchSampler(n_real, n_synth, r.train.batch_size, r.train.seed, r.train.real_fraction).epoch_size()
-    key = fingerprint([run.keys["features"], to_plain(r.student), fingerprinted(r.train), r.data.augment, r.data.views,
-                       r.data.image_size, r.data.crop_pct, r.loss.label_smoothing, budget] + noise_key(r) + run.init_key())
+    key = fingerprint([run.keys["features"], fingerprinted(r.student), fingerprinted(r.train), r.data.augment,
+                       r.data.views, r.data.image_size, r.data.crop_pct, r.loss.label_smoothing, budget]
+                      + noise_key(r) + run.init_key())
     folder = run.dir / "baseline"
     # In a sweep every point of a seed trains the very same baseline (its key leaves the losses out): train it once
     # in the shared folder, and give each point its own copy.

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .recipe import LossCfg, fingerprinted, to_plain
+from .recipe import LossCfg, fingerprinted
 from .run_folder import Run
 from .stages import labelled_items
 from .students import freeze_first_stages
@@ -48,7 +48,7 @@ def stage_finetune(run: Run, split: dict) -> dict | None:
     items = labelled_items(split)
     cfg = dataclasses.replace(r.train, epochs=t.finetune_epochs, lr=t.finetune_lr, batch_size=t.finetune_batch_size,
                               eval_every=0, compile=False)
-    key = fingerprint([run.keys["split"], to_plain(t), r.data.augment, r.data.crop_pct, fingerprinted(cfg), items])
+    key = fingerprint([run.keys["split"], fingerprinted(t), r.data.augment, r.data.crop_pct, fingerprinted(cfg), items])
     folder = run.shared / "teacher"
 
     def compute():

@@ -25,10 +25,10 @@ SEED_MAX = 2**32 - 1  # seeds are 32-bit: every RNG the pipeline seeds takes the
 BOUNDS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
-def num(default, *, ge=None, gt=None, le=None, lt=None):
-    """A numeric field (or a tuple of numbers) and its valid range: ``num(1e-3, gt=0)``; no bound: any finite number."""
+def num(default, *, ge=None, gt=None, le=None, lt=None, added: bool = False):
+    """A numeric field (or tuple of numbers) and its valid range: ``num(1e-3, gt=0)``; ``added``: see fingerprinted."""
     bounds = {op: v for op, v in zip(BOUNDS, (ge, gt, le, lt)) if v is not None}
-    return field(default=default, metadata={"range": bounds})
+    return field(default=default, metadata={"range": bounds, "added": added})
 
 
 def one_of(*choices: str):
@@ -86,7 +86,7 @@ class TeacherCfg:
     finetune_epochs: int = num(10, ge=1)
     finetune_lr: float = num(1e-3, gt=0)  # AdamW; on the quickstart data 1.5e-3 converged, 1e-4 did not
     finetune_batch_size: int = num(16, ge=1)
-    finetune_freeze_stages: int = num(0, ge=0)  # as student.freeze_stages, for a fine-tuned timm teacher
+    finetune_freeze_stages: int = num(0, ge=0, added=True)  # as student.freeze_stages, for a fine-tuned timm teacher
     runtime: str = one_of("auto", "pytorch", "onnxruntime", "openvino")  # what runs the feature pass (auto: fastest)
     n_cls_blocks: int = num(1, ge=1)    # DINOv2: concatenate the CLS tokens of the last n blocks (P1)
     avgpool: bool = False               # DINOv2: also append the average of the last block's patch tokens
@@ -117,9 +117,7 @@ class StudentCfg:
     # How the final feature map is pooled: avg (the model's own) or avgmax (average and max pooling concatenated, as
     # teacher.pool: max pooling keeps a small, local cue that averaging over the whole image washes out)
     pool: str = one_of("avg", "avgmax")
-    # The stem and the first N stages (timm's coarse layer groups) keep their starting weights and BatchNorm
-    # statistics while the student and the baseline train: a cheaper step. 0: all train.
-    freeze_stages: int = num(0, ge=0)
+    freeze_stages: int = num(0, ge=0, added=True)  # stem + first N timm stages keep their weights and BN statistics
     model_kwargs: dict[str, typing.Any] = field(default_factory=dict)  # extra timm create_model arguments
 
 
@@ -440,9 +438,11 @@ def to_plain(obj):
 
 
 def fingerprinted(section) -> dict:
-    """``to_plain(section)`` less its ``logging_only`` fields: what a stage's fingerprint depends on."""
-    return {k: v for k, v in to_plain(section).items()
-            if not next(f for f in dataclasses.fields(section) if f.name == k).metadata.get("logging_only")}
+    """``to_plain(section)`` less its ``logging_only`` fields and, at their default, its ``added`` ones (keys added
+    after run folders existed, which so still resume): what a stage's fingerprint depends on."""
+    meta = {f.name: (f.metadata, f.default) for f in dataclasses.fields(section)}
+    return {k: v for k, v in to_plain(section).items() if not meta[k][0].get("logging_only")
+            and not (meta[k][0].get("added") and v == meta[k][1])}
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -86,3 +86,14 @@ def test_a_fine_tuned_teacher_keeps_its_frozen_stages_as_they_started(tmp_path, 
 def test_a_teacher_freeze_it_cannot_take_is_refused_naming_the_key(overrides, message):
     with pytest.raises(RecipeError, match=message):
         load_checked("quickstart", overrides)
+
+
+def test_both_keys_at_their_default_leave_the_stage_fingerprints_of_older_run_folders_alone():
+    from edgedistill.recipe import fingerprinted, load_recipe
+
+    plain = load_recipe("quickstart-probe")  # neither key set: its stages resume in folders made before they existed
+    assert "freeze_stages" not in fingerprinted(plain.student)
+    assert "finetune_freeze_stages" not in fingerprinted(plain.teacher)
+    frozen = load_recipe("quickstart-probe", ["student.freeze_stages=2", "teacher.finetune_freeze_stages=1"])
+    assert fingerprinted(frozen.student)["freeze_stages"] == 2  # set, it is part of the key: the stage reruns
+    assert fingerprinted(frozen.teacher)["finetune_freeze_stages"] == 1
