@@ -93,7 +93,6 @@ def teacher_passes(teacher, items, spec, crop, B, recipe, args):
               f"{fill[name]:>22.1f}{fill[name] / fill['pytorch']:>7.2f}")
 
 
-
 def student_step(recipe, num_classes, feature_dim, args):
     """3. One student optimisation step (forward, backward, AdamW) at the student's size, with the recipe's frozen
     stages (student.freeze_stages) frozen as training freezes them."""

@@ -16,7 +16,7 @@ from . import distributed
 from .recipe import LossCfg, fingerprinted
 from .run_folder import Run
 from .stages import labelled_items
-from .students import freeze_first_stages
+from .students import freeze_first_stages, keep_in_eval
 from .teachers import build_teacher, make_probe_head, save_head
 from .train import DistillSet, GlobalBatchSampler, train
 from .utils import atomic_torch_save, derived_seed, fingerprint
@@ -32,8 +32,7 @@ class TeacherNet(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for name in self.frozen:  # frozen stages keep their BatchNorm statistics
-            self.teacher.model.get_submodule(name).eval()
+        keep_in_eval(self.teacher.model, self.frozen)
         return self
 
     def forward(self, x):
@@ -57,13 +56,12 @@ def stage_finetune(run: Run, split: dict) -> dict | None:
         teacher = build_teacher(t)
         crop = r.data.crop_pct or teacher.info.input.crop_pct  # the view every later stage uses (stages.view_crop)
         head = make_probe_head(t.head, teacher.feature_dim, len(split["classes"]))
-        net = TeacherNet(teacher, head).train()
+        net = TeacherNet(teacher, head)
         for p in net.parameters():
             p.requires_grad_(True)
-        if t.finetune_freeze_stages:
-            net.frozen = freeze_first_stages(teacher.model, t.finetune_freeze_stages, "teacher.finetune_freeze_stages",
-                                             f"teacher {teacher.info.arch!r}")
-            net.train()
+        net.frozen = freeze_first_stages(teacher.model, t.finetune_freeze_stages, "teacher.finetune_freeze_stages",
+                                         f"teacher {teacher.info.arch!r}")  # none when 0
+        net.train()
         # 2. The training loop on the labelled images alone, a fresh augmented view each epoch, CE only.
         spec = {**teacher.info.input.to_dict(), "crop_pct": crop}
         dataset = DistillSet(items, spec, None, r.data.augment, 1, crop, r.train.seed, online=True)

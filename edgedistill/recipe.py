@@ -439,7 +439,7 @@ def to_plain(obj):
 
 def fingerprinted(section) -> dict:
     """``to_plain(section)`` less its ``logging_only`` fields and, at their default, its ``added`` ones (keys added
-    after run folders existed, which so still resume): what a stage's fingerprint depends on."""
+    after run folders existed: those folders still resume): what a stage's fingerprint depends on."""
     meta = {f.name: (f.metadata, f.default) for f in dataclasses.fields(section)}
     return {k: v for k, v in to_plain(section).items() if not meta[k][0].get("logging_only")
             and not (meta[k][0].get("added") and v == meta[k][1])}

@@ -46,8 +46,7 @@ class Student(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for name in self.frozen:  # frozen stages keep their BatchNorm statistics
-            self.backbone.get_submodule(name).eval()
+        keep_in_eval(self.backbone, self.frozen)
         return self
 
     def forward(self, x):
@@ -131,6 +130,12 @@ def freeze_first_stages(model: nn.Module, n: int, key: str, what: str) -> list[s
     return [m for g in range(n + 1) for m in modules[g]]
 
 
+def keep_in_eval(model: nn.Module, names: list[str]):
+    """After ``train()``: the frozen stages' modules back in eval mode, so their BatchNorm statistics stay put."""
+    for name in names:
+        model.get_submodule(name).eval()
+
+
 def freeze_stages(student: Student, cfg) -> Student:
     """``student.freeze_stages``: the stem and the first N stages stop training (no gradient, BatchNorm statistics
     kept). Applied to a student about to train, never to one loaded for evaluation or export."""
@@ -157,10 +162,9 @@ def check_teacher_freeze(t):
     key = "teacher.finetune_freeze_stages"
     if t.mode != "finetune":
         raise RecipeError(f"Recipe key {key!r} applies only with teacher.mode: finetune (it is {t.mode!r}); use 0")
-    archs = {"timm": lambda: timm_name(t).split(".")[0], "efficientnet-lite": lambda: f"tf_efficientnet_{t.arch}"}
-    if t.name not in archs:
-        raise RecipeError(f"Recipe key {key!r} needs a timm teacher ({', '.join(archs)}), not {t.name!r}; use 0")
-    arch = archs[t.name]()
+    if t.name not in ("timm", "efficientnet-lite"):
+        raise RecipeError(f"Recipe key {key!r} needs a timm teacher (timm, efficientnet-lite), not {t.name!r}; use 0")
+    arch = timm_name(t).split(".")[0]
     stage_groups(timm.create_model(arch, pretrained=False, num_classes=0), t.finetune_freeze_stages, key,
                  f"teacher {arch!r}")
 

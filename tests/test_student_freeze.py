@@ -97,3 +97,9 @@ def test_both_keys_at_their_default_leave_the_stage_fingerprints_of_older_run_fo
     frozen = load_recipe("quickstart-probe", ["student.freeze_stages=2", "teacher.finetune_freeze_stages=1"])
     assert fingerprinted(frozen.student)["freeze_stages"] == 2  # set, it is part of the key: the stage reruns
     assert fingerprinted(frozen.teacher)["finetune_freeze_stages"] == 1
+
+
+def test_the_teacher_check_reads_an_empty_arch_as_the_teachers_own_default():
+    load_checked("quickstart", ["teacher.arch=''", "teacher.finetune_freeze_stages=2"])  # lite2, as the teacher does
+    with pytest.raises(RecipeError, match="tf_efficientnet_lite2.*0 to 6"):
+        load_checked("quickstart", ["teacher.arch=''", "teacher.finetune_freeze_stages=7"])

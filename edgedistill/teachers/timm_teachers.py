@@ -39,7 +39,10 @@ def create_timm(name: str, pretrained: bool, what: str, weights: str = "", key: 
 
 
 def timm_name(cfg) -> str:
-    """The timm model name (with its pretrained tag) a recipe's ``timm`` or ``dinov2`` teacher section means."""
+    """The timm model name (with its pretrained tag) a recipe's ``timm``, ``dinov2`` or ``efficientnet-lite`` teacher
+    section means."""
+    if cfg.name == "efficientnet-lite":
+        return f"tf_efficientnet_{cfg.arch or 'lite2'}"
     if cfg.name == "dinov2":
         return cfg.arch or "vit_small_patch14_dinov2.lvd142m"
     return f"{cfg.arch}.{cfg.pretrained}" if cfg.pretrained else cfg.arch
