@@ -31,9 +31,9 @@ def num(default, *, ge=None, gt=None, le=None, lt=None, added: bool = False):
     return field(default=default, metadata={"range": bounds, "added": added})
 
 
-def one_of(*choices: str):
-    """A text field that must be one of ``choices``; the first is the default."""
-    return field(default=choices[0], metadata={"choices": choices})
+def one_of(*choices: str, added: bool = False):
+    """A text field that must be one of ``choices``; the first is the default. ``added``: see fingerprinted."""
+    return field(default=choices[0], metadata={"choices": choices, "added": added})
 
 
 def any_of(*choices: str, logging_only: bool = False):
@@ -57,9 +57,8 @@ class DataCfg:
     crop_pct: float = num(0.0, ge=0, le=1)  # centre-crop fraction of every view, teacher's and student's; 0: teacher's
     augment: str = "light"              # a name in data.AUGMENTS
     views: int = num(1, ge=1)           # fixed augmented views per image whose teacher outputs are cached
-    # Noisy Student (Xie et al. 2020): a fresh augmentation (a name in data.AUGMENTS) of the student's input each
-    # epoch, on top of the view whose teacher output is cached; the teacher's target stays that of the view. Only
-    # for augmentations that keep the label (flips and right-angle turns of a texture); "" for none.
+    # Noisy Student (Xie et al. 2020): a fresh augmentation (in data.AUGMENTS) of the student's input each epoch on
+    # top of the cached view, whose teacher target it keeps: only for label-keeping ones (flips, turns); "": none.
     student_augment: str = ""
     mixup: float = num(0.0, ge=0)       # Mixup alpha on real images only (P1); 0 disables; needs the online teacher
     cutmix: float = num(0.0, ge=0)      # CutMix alpha on real images only (P3); with mixup too, each batch picks one
@@ -108,16 +107,17 @@ class StudentCfg:
     pretrained: bool = False            # timm hub weights (needs internet on first use)
     packaged_weights: str = ""          # offline weights a package ships: a name in packaged_weights.PACKAGED_WEIGHTS
     weights: str = ""                   # a local timm state dict file (.safetensors/.pth) instead of hub weights
-    # Start from an earlier run's trained student (backbone and projection head): its run folder, its model.pt, or
-    # recipe:NAME, that recipe run (or reused) first into RUN/init/<its name> (P4's two stages). "": no such start.
+    # Start from an earlier run's student (backbone, projection head): its run folder, its model.pt, or recipe:NAME,
+    # that recipe run (or reused) first into RUN/init/<its name> (P4's two stages). "": no such start.
     init_from: str = ""
     embed_dim: int = num(0, ge=0)       # projection size for feature losses; 0: the teacher's feature size
     drop_path: float = num(0.0, ge=0, lt=1)
     drop_rate: float = num(0.0, ge=0, lt=1)
-    # How the final feature map is pooled: avg (the model's own) or avgmax (average and max pooling concatenated, as
-    # teacher.pool: max pooling keeps a small, local cue that averaging over the whole image washes out)
-    pool: str = one_of("avg", "avgmax")
+    pool: str = one_of("avg", "avgmax")  # avgmax: average and max pooling concatenated, as teacher.pool
     freeze_stages: int = num(0, ge=0, added=True)  # stem + first N timm stages keep their weights and BN statistics
+    # The student's resize filter, in training, evaluation and every export ("": its timm data config's). PIL's
+    # bicubic, bilinear and lanczos average away detail finer than a pixel of the output; nearest keeps it, aliased.
+    interpolation: str = one_of("", "bicubic", "bilinear", "lanczos", "nearest", added=True)
     model_kwargs: dict[str, typing.Any] = field(default_factory=dict)  # extra timm create_model arguments
 
 

