@@ -62,13 +62,16 @@ class Student(nn.Module):
 
 
 class LogitsOnly(nn.Module):
-    """What gets exported: image -> class scores (or the embedding when the student has no classes)."""
+    """What gets exported: image -> class scores (or the embedding when the student has no classes). With a
+    classifier, the projection head that only feature losses train through is not run (nor exported, nor counted)."""
 
     def __init__(self, student: Student):
         super().__init__()
         self.student = student
 
     def forward(self, x):
+        if self.student.classifier is not None:
+            return self.student.classifier(self.student.backbone(x))
         out = self.student(x)
         return out["logits"] if "logits" in out else out["embedding"]
 

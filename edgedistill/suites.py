@@ -9,7 +9,7 @@ import torch
 from . import distributed
 from .data.cache import FeatureCache
 from .distill import distill, synth_split
-from .evaluate import agreement, classification_metrics, gflops, plot_confusion
+from .evaluate import agreement, classification_metrics, gflops, params_used, plot_confusion
 from .recipe import to_plain
 from .report import fmt
 from .run_folder import STAGE_VERSIONS, Run
@@ -78,7 +78,7 @@ def student_metrics(run: Run, model, saved: dict, test: list, labels, t_feat, t_
     logits = out["logits"]
     metrics = {**classification_metrics(logits, labels, saved["class_names"], r.eval.top_k),
                "gflops": gflops(LogitsOnly(model), saved["input"]["size"]),
-               "params_m": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("au_")) / 1e6,
+               "params_m": params_used(LogitsOnly(model), saved["input"]["size"]) / 1e6,  # as exported
                "image_size": saved["input"]["size"], "model": r.student.name,
                "agreement_with_teacher": agreement(logits, t_logits)}
     if "embedding" in out and out["embedding"].shape[1] == t_feat.shape[1] and name == "student":

@@ -51,3 +51,22 @@ def test_gflops_counts_where_the_model_lives(device, dtype):
         model = Tiny().to(dtype)
     assert gflops(model, 8) == pytest.approx(EXPECTED_GFLOPS)
     assert all(p.device.type == device and p.dtype == dtype for p in model.parameters())
+
+
+def test_a_students_cost_is_that_of_the_exported_network_not_of_its_training_only_projection_head():
+    """feature_l2 trains the student through a projection to the teacher's features; the exported network (and the
+    GFLOPs and parameters the run reports) is backbone + classifier, with the very same scores."""
+    from edgedistill.evaluate import params_used
+    from edgedistill.recipe import Recipe, build
+    from edgedistill.students import LogitsOnly, build_student
+
+    def student(loss):
+        return build_student(build(Recipe, {"name": "t", "student": {"name": "test_efficientnet"}, "loss": loss},
+                                   ""), 3, 512).eval()
+
+    projected, plain = student({"ce": 0.1, "hard_kd": 0.9, "feature_l2": 1.0}), student({"ce": 1.0})
+    assert projected.proj is not None and projected.proj.weight.numel() > 0.5 * params_used(plain, 32)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(LogitsOnly(projected)(x), projected(x)["logits"])
+    assert params_used(LogitsOnly(projected), 32) == params_used(LogitsOnly(plain), 32)
+    assert gflops(LogitsOnly(projected), 32) == pytest.approx(gflops(LogitsOnly(plain), 32))
