@@ -49,10 +49,11 @@ class Student(nn.Module):
         keep_in_eval(self.backbone, self.frozen)
         return self
 
-    def forward(self, x):
+    def forward(self, x, embedding: bool = True):
+        """``embedding=False``: the projection is run only when the scores need it (zero-shot, no classifier)."""
         f = self.backbone(x)
         out = {"features": f}
-        if self.proj is not None:
+        if self.proj is not None and (embedding or self.classifier is None):
             out["embedding"] = self.proj(f)
         if self.classifier is not None:
             out["logits"] = self.classifier(f)
@@ -70,9 +71,7 @@ class LogitsOnly(nn.Module):
         self.student = student
 
     def forward(self, x):
-        if self.student.classifier is not None:
-            return self.student.classifier(self.student.backbone(x))
-        out = self.student(x)
+        out = self.student(x, embedding=False)
         return out["logits"] if "logits" in out else out["embedding"]
 
 

@@ -415,6 +415,24 @@ def test_sensitive_float_keeps_the_ranked_layers_in_float(run_dir):
     shutil.rmtree(job.out_root / ".work")
 
 
+def test_int8_sensitivity_ranking_leaves_out_a_projection_head_the_exported_network_never_runs(tmp_path):
+    """feature_l2 trains the student through a projection head that the exported network (classifier scores) never
+    runs: the ranking leaves it out instead of failing on it (it raised KeyError: 'student.proj')."""
+    from edgedistill.export.bundle import ExportJob
+    from edgedistill.export.quantize import sensitivity_ranking
+
+    run = make_run(tmp_path, loss={"ce": 0.1, "hard_kd": 0.9, "feature_l2": 1.0})
+    job = ExportJob.create(run, ExportCfg(calibration_images=16, parity_images=8))
+    assert job.model.student.proj is not None and job.model.student.classifier is not None
+    ranking = sensitivity_ranking(job)
+    assert "student.proj" not in ranking and "student.classifier" in ranking and len(ranking) > 2
+    from edgedistill.export.onnx import float_nodes
+    from edgedistill.export.quantize import module_path
+    kept = float_nodes(job.onnx_fp32(), "sensitive_float", job, keep=2)  # the exported graph names the same layers
+    assert {module_path(n) for n in kept} >= set(ranking[:2])
+    shutil.rmtree(job.out_root / ".work")
+
+
 def test_int8_simulation_matches_onnxruntime_int8(run_dir):
     """The fine-tuning's simulated INT8 reproduces what ONNX Runtime's INT8 graph computes, far closer than float."""
     import onnxruntime as ort
