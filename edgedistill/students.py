@@ -93,11 +93,16 @@ def set_pool(model: nn.Module, cfg) -> nn.Module:
     return model
 
 
-def check_pool(cfg):
-    """Refuse a ``student.pool`` the architecture cannot take before any work: tried on a randomly initialised copy."""
+def random_copy(cfg) -> nn.Module:
+    """A randomly initialised backbone of the student's architecture, for checks made before any work."""
     import timm
 
-    set_pool(timm.create_model(student_arch(cfg), pretrained=False, num_classes=0, **dict(cfg.model_kwargs)), cfg)
+    return timm.create_model(student_arch(cfg), pretrained=False, num_classes=0, **dict(cfg.model_kwargs))
+
+
+def check_pool(cfg):
+    """Refuse a ``student.pool`` the architecture cannot take before any work: tried on a randomly initialised copy."""
+    set_pool(random_copy(cfg), cfg)
 
 
 def stage_groups(model: nn.Module, n: int, key: str, what: str) -> tuple[dict, dict]:
@@ -147,10 +152,7 @@ def freeze_stages(student: Student, cfg) -> Student:
 
 def check_freeze(cfg):
     """Refuse a ``student.freeze_stages`` the architecture cannot take before any work (on a random copy)."""
-    import timm
-
-    model = timm.create_model(student_arch(cfg), pretrained=False, num_classes=0, **dict(cfg.model_kwargs))
-    stage_groups(model, cfg.freeze_stages, "student.freeze_stages", repr(cfg.name))
+    stage_groups(random_copy(cfg), cfg.freeze_stages, "student.freeze_stages", repr(cfg.name))
 
 
 def check_teacher_freeze(t):

@@ -27,9 +27,8 @@ def checkerboard(side: int = 64) -> Image.Image:
 def test_nearest_keeps_one_pixel_detail_that_the_models_own_bicubic_averages_away():
     own, nearest = student_input_spec(recipe_with()), student_input_spec(recipe_with(interpolation="nearest"))
     assert own.interpolation == "bicubic" and nearest.interpolation == "nearest"
-    unnormalise = np.array(own.std)[:, None, None], np.array(own.mean)[:, None, None]
-    grey = resize_normalize(checkerboard(), own.to_dict()) * unnormalise[0] + unnormalise[1]
-    sharp = resize_normalize(checkerboard(), nearest.to_dict()) * unnormalise[0] + unnormalise[1]
+    std, mean = np.array(own.std)[:, None, None], np.array(own.mean)[:, None, None]
+    grey, sharp = (resize_normalize(checkerboard(), spec.to_dict()) * std + mean for spec in (own, nearest))
     assert np.all(np.isclose(sharp, 0, atol=1e-5) | np.isclose(sharp, 1, atol=1e-5))  # only black or white pixels
     assert np.isclose(sharp, 0, atol=1e-5).any() and np.isclose(sharp, 1, atol=1e-5).any()
     assert grey.std() < 0.2 < sharp.std()  # bicubic's antialiasing leaves a near-uniform grey
