@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training throughput: the teacher's feature pass through PyTorch and each installed runtime, and a student step.
 
-    python benchmarks/train_throughput.py [--recipe quickstart] [--images 192] [--device cpu] [key=value ...]
+    python benchmarks/train_throughput.py [--recipe quickstart] [--images 192] [--device cpu] [--default-malloc] [key=value ...]
 
 Uses the recipe's real teacher (pretrained weights, not fine-tuned: the speed is the same) and student on the first N
 training images of its dataset. Prints images/s; each figure is the median of --repeats timed passes.
@@ -22,6 +22,7 @@ from edgedistill.data.cache import FeatureCache
 from edgedistill.students import build_student, freeze_stages, student_input_spec
 from edgedistill.teacher_runtime import feature_teacher
 from edgedistill.teachers import build_teacher
+from edgedistill.train import keep_freed_memory
 
 
 def rate(fn, n_images: int, repeats: int) -> float:
@@ -43,8 +44,11 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--student-only", action="store_true", help="only the student step (e.g. to compare "
                    "student.freeze_stages=N overrides)")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator at its defaults (a recipe "
+                   "run keeps freed memory for reuse from its first training stage on: train.keep_freed_memory)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    kept = False if args.default_malloc else keep_freed_memory()
 
     recipe = load_checked(args.recipe, args.overrides + [f"train.device={args.device}"])
     split = make_split(recipe.data)
@@ -54,8 +58,8 @@ def main(argv=None):
     crop = recipe.data.crop_pct or spec["crop_pct"]
     B = recipe.teacher.batch_size
     print(f"host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device "
-          f"{args.device}, torch {torch.__version__}; teacher {teacher.info.arch} @ {spec['size']}px, batch {B}, "
-          f"{len(items)} images, median of {args.repeats}")
+          f"{args.device}, torch {torch.__version__}, freed memory kept: {kept}; teacher {teacher.info.arch} @ "
+          f"{spec['size']}px, batch {B}, {len(items)} images, median of {args.repeats}")
     if not args.student_only:
         teacher_passes(teacher, items, spec, crop, B, recipe, args)
     student_step(recipe, len(split["classes"]), teacher.feature_dim, args)

@@ -20,6 +20,7 @@ from .run_folder import Run, stage_timings, with_seed
 from .stages import stage_features, stage_head, stage_split, stage_synth, stage_views
 from .suites import stage_evaluate
 from .tensorboard_log import check_tensorboard
+from .train import keep_freed_memory
 from .utils import atomic_write_text, fingerprint, write_json
 
 log = logging.getLogger(__name__)
@@ -28,14 +29,8 @@ log = logging.getLogger(__name__)
 def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dict:
     """Run every stage of ``recipe`` into ``out`` (default ``runs/<name>``); returns metrics.json's content."""
     # 1. Folder, distributed setup, the resolved recipe.
-    out = Path(out or Path("runs") / recipe.name)
-    run = Run(out, recipe, shared_dir)
-    distributed.init_from_env(run.device)
-    check_combinations(recipe)
-    check_tensorboard(recipe.train)  # an optional logger that is not installed fails before any work
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+    run = open_run(recipe, out, shared_dir)
+    out = run.dir
     t0 = time.perf_counter()
 
     # 2. Shared stages: a dataset fetched by name (when it cannot be, every missing download in one message), the
@@ -85,6 +80,21 @@ def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dic
         print_summary(out, metrics)
     distributed.barrier()
     return metrics
+
+def open_run(recipe: Recipe, out, shared_dir) -> Run:
+    """The run folder with the resolved recipe in it, distributed set up, the checks that need no data done; from
+    here on the process keeps freed memory for reuse (every stage: a PyTorch teacher pass at 320 px ran 3.5x
+    faster with it)."""
+    run = Run(Path(out or Path("runs") / recipe.name), recipe, shared_dir)
+    distributed.init_from_env(run.device)
+    check_combinations(recipe)
+    check_tensorboard(recipe.train)  # an optional logger that is not installed fails before any work
+    if distributed.is_main():
+        run.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.dir / "recipe.yaml", dump_recipe(recipe))
+    keep_freed_memory()
+    return run
+
 
 def preflight_data(run: Run):
     """A dataset fetched by name (torchvision/<Class>, hf/<id>) downloads now when absent; when it cannot, the one
