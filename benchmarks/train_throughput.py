@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Training throughput: the teacher's feature pass through PyTorch and each installed runtime, and a student step.
 
-    python benchmarks/train_throughput.py [--recipe quickstart] [--images 192] [--device cpu] [--default-malloc] [key=value ...]
+    python benchmarks/train_throughput.py [--recipe quickstart] [--images 192] [--device cpu] [--default-malloc]
+                                          [key=value ...]
 
 Uses the recipe's real teacher (pretrained weights, not fine-tuned: the speed is the same) and student on the first N
 training images of its dataset. Prints images/s; each figure is the median of --repeats timed passes.
@@ -45,7 +46,7 @@ def main(argv=None):
     p.add_argument("--student-only", action="store_true", help="only the student step (e.g. to compare "
                    "student.freeze_stages=N overrides)")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator at its defaults (a recipe "
-                   "run keeps freed memory for reuse from its first training stage on: train.keep_freed_memory)")
+                   "run keeps freed memory for reuse from its start: train.keep_freed_memory)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     kept = False if args.default_malloc else keep_freed_memory()

@@ -81,6 +81,7 @@ def run_recipe(recipe: Recipe, out=None, seeds: int = 1, shared_dir=None) -> dic
     distributed.barrier()
     return metrics
 
+
 def open_run(recipe: Recipe, out, shared_dir) -> Run:
     """The run folder with the resolved recipe in it, distributed set up, the checks that need no data done; from
     here on the process keeps freed memory for reuse (every stage: a PyTorch teacher pass at 320 px ran 3.5x

@@ -1,4 +1,5 @@
-"""train() keeps freed CPU memory for the next step (glibc), instead of the kernel zero-filling it anew each time."""
+"""keep_freed_memory (called by recipe run and train()): freed CPU memory is reused by the next step (glibc), instead
+of the kernel zero-filling it anew each time."""
 import subprocess
 import sys
 
